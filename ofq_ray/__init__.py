@@ -1,0 +1,3 @@
+"""ofq-ray: OFQ quantization-aware training sweeps on Ray, tracked in MLflow."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,144 @@
+"""Quantized linear and convolution layers that reuse the parameters of the timm layers they replace."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .quantizers import LsqQuantizer, StatsQuantizer, lsq_weight_quantizer
+
+WeightQuantizer = StatsQuantizer | LsqQuantizer
+Role = Literal["block", "first_last"]
+ROLES: tuple[str, ...] = ("block", "first_last")
+
+
+@dataclass
+class WeightSource:
+    """One quantized weight of a module, as seen by CGA, the oscillation tracker and the exporter.
+
+    ``latent()`` gives the float tensor the quantizer rounds: a parameter for ordinary layers, or a
+    tensor derived from parameters (the QKR merged product), in which case ``parameter`` is None.
+    """
+
+    name: str
+    quantizer: nn.Module
+    latent: Callable[[], torch.Tensor]
+    parameter: torch.Tensor | None
+    role: Role
+
+
+def make_weight_quantizer(kind: str, bits: int, weight: torch.Tensor) -> WeightQuantizer:
+    """StatsQ (``kind="statsq"``) or LSQ with a per-row learnable step initialized from ``weight``."""
+    if kind == "statsq":
+        return StatsQuantizer(bits)
+    if kind == "lsq":
+        return lsq_weight_quantizer(weight.detach(), bits)
+    raise ValueError(f"weight_quantizer: {kind!r} is not allowed; allowed: statsq, lsq")
+
+
+class QLinear(nn.Module):
+    """``linear(Q_in(x), Q_w(W), b)``. Either quantizer may be None (that side stays float).
+
+    The ``weight``/``bias`` parameter objects are shared with the layer it was built from, so
+    pretrained values (and timm's state-dict names) carry over.
+    """
+
+    def __init__(
+        self,
+        linear: nn.Linear,
+        weight_quantizer: nn.Module | None,
+        input_quantizer: LsqQuantizer | None,
+        role: Role = "block",
+    ) -> None:
+        super().__init__()
+        self.in_features = linear.in_features
+        self.out_features = linear.out_features
+        self.weight = linear.weight
+        self.bias = linear.bias
+        self.weight_quantizer = weight_quantizer
+        self.input_quantizer = input_quantizer
+        self.role = role
+
+    def quantized_weight(self) -> torch.Tensor:
+        return self.weight if self.weight_quantizer is None else self.weight_quantizer(self.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.input_quantizer is not None:
+            x = self.input_quantizer(x)
+        return F.linear(x, self.quantized_weight(), self.bias)
+
+    def quantized_weight_sources(self) -> list[WeightSource]:
+        if self.weight_quantizer is None:
+            return []
+        return [WeightSource("weight", self.weight_quantizer, lambda: self.weight, self.weight, self.role)]
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+
+
+class QConv2d(nn.Module):
+    """Patch-embedding convolution with LSQ weights (per output channel) and an LSQ image input.
+
+    The image quantizer has one step per input channel and a learnable per-pixel shift, shared over
+    channels, before and after quantization (the reference's first layer).
+    """
+
+    def __init__(self, conv: nn.Conv2d, bits: int, img_size: tuple[int, int]) -> None:
+        super().__init__()
+        self.stride = conv.stride
+        self.padding = conv.padding
+        self.dilation = conv.dilation
+        self.groups = conv.groups
+        self.weight = conv.weight
+        self.bias = conv.bias
+        self.weight_quantizer = lsq_weight_quantizer(conv.weight.detach(), bits)
+        self.input_quantizer = LsqQuantizer(bits, signed=True, granularity="in_channel", shift_shape=img_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.input_quantizer(x)
+        weight = self.weight_quantizer(self.weight)
+        return F.conv2d(x, weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
+
+    def quantized_weight_sources(self) -> list[WeightSource]:
+        return [WeightSource("weight", self.weight_quantizer, lambda: self.weight, self.weight, "first_last")]
+
+
+def quantized_head(linear: nn.Linear, bits: int) -> QLinear:
+    """Classifier head: LSQ weights per output row, LSQ input with one step and per-feature shifts."""
+    input_quantizer = LsqQuantizer(bits, signed=True, granularity="tensor", shift_shape=(linear.in_features,))
+    return QLinear(linear, lsq_weight_quantizer(linear.weight.detach(), bits), input_quantizer, "first_last")
+
+
+def iter_quantized_weights(model: nn.Module, roles: Iterable[str] = ("block",)) -> list[tuple[str, WeightSource]]:
+    """Every quantized weight of ``model`` whose role is in ``roles``, with its qualified name.
+
+    Walks ``model.named_modules()`` and asks each module that has ``quantized_weight_sources()``; names
+    read like ``"blocks.0.mlp.fc1.weight"`` or ``"blocks.0.attn.merged_qk"``, in module order.
+
+    Args:
+        model: a model converted by :func:`~ofq_ray.quant.convert.quantize_model` (or any module tree
+            whose quantized modules implement ``quantized_weight_sources()``).
+        roles: ``"block"`` (the low-bit attention/MLP weights) and/or ``"first_last"`` (the patch
+            embedding and classifier heads); a single string is taken as one role.
+
+    Raises:
+        ValueError: for a role other than ``"block"`` or ``"first_last"``.
+    """
+    wanted = {roles} if isinstance(roles, str) else set(roles)  # a bare "block" is one role, not letters
+    for role in wanted:
+        if role not in ROLES:
+            raise ValueError(f"roles: {role!r} is not allowed; allowed: {', '.join(ROLES)}")
+    found: list[tuple[str, WeightSource]] = []
+    for prefix, module in model.named_modules():
+        sources = getattr(module, "quantized_weight_sources", None)
+        if sources is None:
+            continue
+        for source in sources():
+            if source.role in wanted:
+                found.append((f"{prefix}.{source.name}" if prefix else source.name, source))
+    return found

@@ -1,0 +1,259 @@
+"""Weight-oscillation tracking on integer codes (Nagel et al., ICML 2022; spec §6).
+
+After every optimizer step the tracker reads the integer code of each quantized weight. An element
+*oscillates* at a step when its code moves in the direction opposite to its previous move (steps
+without a move in between do not reset the direction). Per element it keeps an EMA of these events,
+``f <- m * oscillated + (1 - m) * f``, and a cumulative count; per tensor it counts the codes that
+changed since the last window reset, which gives the per-step flip rate.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, fields
+from typing import Any
+
+import torch
+from torch import nn
+
+from .layers import WeightSource, iter_quantized_weights
+
+_FIELDS = ("previous_codes", "last_direction", "frequency", "oscillations", "window_flips")
+
+
+@dataclass
+class _TensorState:
+    """Tracking state of one quantized tensor, kept on the weight's device."""
+
+    previous_codes: torch.Tensor  # int8 (StatsQ) or int16 (LSQ), shaped like the weight
+    last_direction: torch.Tensor  # int8 in {-1, 0, 1}: the sign of the last code move
+    frequency: torch.Tensor  # float32 EMA of oscillation events
+    oscillations: torch.Tensor  # int32 cumulative oscillation events
+    window_flips: torch.Tensor  # int64 scalar: code changes since the last window reset
+
+    @classmethod
+    def start(cls, codes: torch.Tensor) -> _TensorState:
+        return cls(
+            previous_codes=codes.clone(),
+            last_direction=torch.zeros_like(codes, dtype=torch.int8),
+            frequency=torch.zeros_like(codes, dtype=torch.float32),
+            oscillations=torch.zeros_like(codes, dtype=torch.int32),
+            window_flips=torch.zeros((), dtype=torch.int64, device=codes.device),
+        )
+
+    def to(self, device: torch.device) -> None:
+        for item in fields(self):
+            setattr(self, item.name, getattr(self, item.name).to(device))
+
+    def advance(self, codes: torch.Tensor, momentum: float) -> None:
+        if self.previous_codes.device != codes.device:  # the model moved after tracking started
+            self.to(codes.device)
+        # Comparisons instead of a difference: int8 codes of 8-bit weights would overflow on subtraction.
+        direction = (self.previous_codes > codes).to(torch.int8) - (self.previous_codes < codes).to(torch.int8)
+        oscillated = direction * self.last_direction == -1
+        self.frequency.mul_(1.0 - momentum).add_(oscillated, alpha=momentum)
+        self.oscillations.add_(oscillated)
+        moved = direction != 0
+        self.last_direction.copy_(torch.where(moved, direction, self.last_direction))
+        self.window_flips.add_(moved.sum())
+        self.previous_codes.copy_(codes)
+
+
+def _check_fraction(value: float, field: str, allowed: str, low_open: bool) -> float:
+    ok = not isinstance(value, bool) and isinstance(value, (int, float))
+    ok = ok and ((0.0 < value <= 1.0) if low_open else (0.0 <= value < 1.0))
+    if not ok:
+        raise ValueError(f"{field}: {value!r} is not allowed; allowed: {allowed}")
+    return float(value)
+
+
+def _device_of(source: WeightSource) -> torch.device:
+    if source.parameter is not None:
+        return source.parameter.device
+    with torch.no_grad():
+        return source.latent().device
+
+
+def _shape_of(source: WeightSource) -> torch.Size:
+    if source.parameter is not None:
+        return source.parameter.shape
+    with torch.no_grad():
+        return source.latent().shape
+
+
+class OscillationTracker:
+    """Tracks code oscillations of every quantized weight with the given roles.
+
+    Call :meth:`update` after each optimizer step (the first call only records the codes), then read
+    :meth:`summary` or :meth:`metrics`, e.g. once per epoch with ``reset_window=True``. The per-step
+    work is a handful of elementwise ops per tensor with no host synchronization; the state costs
+    about 10 bytes per tracked weight element (11 with LSQ codes). For a QKR model the tracked tensor
+    is the merged product ``M``, recomputed from ``W_q``/``W_k`` at each update.
+
+    Example:
+        >>> tracker = OscillationTracker(model)
+        >>> for images, targets in loader:
+        ...     train_step(images, targets)
+        ...     tracker.update()
+        >>> mlflow.log_metrics(tracker.metrics(reset_window=True), step=epoch)
+
+    Args:
+        model: a model converted by :func:`~ofq_ray.quant.convert.quantize_model` (StatsQ or LSQ
+            weights), or any module tree exposing ``quantized_weight_sources()``.
+        momentum: the EMA momentum m in ``(0, 1]`` (the reference uses 0.01).
+        roles: which weights to track: ``"block"`` (the low-bit weights) and/or ``"first_last"``.
+        thresholds: frequencies τ in ``[0, 1)`` for the ``frac_gt_{τ:g}`` statistics (strictly
+            greater than τ).
+
+    Raises:
+        ValueError: for an out-of-range momentum or threshold, an unknown role, or a model without
+            quantized weights of those roles.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        momentum: float = 0.01,
+        roles: Iterable[str] = ("block",),
+        thresholds: Sequence[float] = (0.005, 0.01),
+    ) -> None:
+        self.momentum = _check_fraction(momentum, "oscillation.momentum", "a number in (0, 1]", low_open=True)
+        self.thresholds = tuple(
+            _check_fraction(t, "oscillation.thresholds", "numbers in [0, 1)", low_open=False) for t in thresholds
+        )
+        roles = (roles,) if isinstance(roles, str) else tuple(roles)
+        self._sources = iter_quantized_weights(model, roles)
+        if not self._sources:
+            raise ValueError(f"oscillation: the model has no quantized weights with roles {', '.join(roles)}")
+        self._codes: list[Callable[[torch.Tensor], torch.Tensor]] = []
+        for name, source in self._sources:
+            codes = getattr(source.quantizer, "codes", None)
+            if not callable(codes):
+                kind = type(source.quantizer).__name__
+                raise ValueError(f"oscillation: {name} uses {kind}, which has no codes(); allowed: StatsQ, LSQ")
+            self._codes.append(codes)
+        self._states: dict[str, _TensorState] = {}
+        self.window_steps = 0  # updates that compared codes since the last window reset
+
+    @property
+    def names(self) -> list[str]:
+        """Qualified names of the tracked tensors, in module order."""
+        return [name for name, _ in self._sources]
+
+    @torch.no_grad()
+    def update(self) -> None:
+        """Reads the current codes and updates the statistics (the first call only records them)."""
+        first = not self._states
+        for (name, source), to_codes in zip(self._sources, self._codes, strict=True):
+            codes = to_codes(source.latent())
+            if first:
+                self._states[name] = _TensorState.start(codes)
+            else:
+                self._states[name].advance(codes, self.momentum)
+        if not first:
+            self.window_steps += 1
+
+    def _stat_keys(self) -> list[str]:
+        return ["mean_freq", *(f"frac_gt_{t:g}" for t in self.thresholds), "flip_rate", "oscillations"]
+
+    @torch.no_grad()
+    def summary(self, reset_window: bool = False) -> dict[str, Any]:
+        """Oscillation statistics, overall and per tensor, as plain Python numbers.
+
+        Returns:
+            ``{"overall": stats, "layers": {name: stats}}`` where ``stats`` has ``"mean_freq"`` (mean
+            EMA frequency), ``"frac_gt_{τ:g}"`` per threshold (fraction of elements with frequency
+            > τ), ``"flip_rate"`` (mean per-step fraction of codes that changed since the last window
+            reset, 0.0 before any) and ``"oscillations"`` (cumulative event count, an int). Overall
+            values are weighted by element count. Everything is 0 before the second :meth:`update`.
+
+        Args:
+            reset_window: afterwards, restart the flip-rate window (frequencies and counts persist).
+        """
+        keys = self._stat_keys()
+        layers: dict[str, dict[str, float | int]] = {}
+        totals = [0.0] * (len(keys) - 1)
+        total_oscillations = 0
+        total_elements = 0
+        for name, _ in self._sources:
+            state = self._states.get(name)
+            if state is None:
+                layers[name] = {key: 0.0 for key in keys} | {"oscillations": 0}
+                continue
+            frequency = state.frequency
+            sums = [frequency.sum(dtype=torch.float64)]
+            sums += [(frequency > t).sum().to(torch.float64) for t in self.thresholds]
+            sums += [state.window_flips.to(torch.float64), state.oscillations.sum(dtype=torch.float64)]
+            values = torch.stack(sums).cpu().tolist()
+            elements = frequency.numel()
+            steps = max(self.window_steps, 1)  # the flip count is 0 when no step was compared yet
+            means = [v / elements for v in values[:-2]] + [values[-2] / (elements * steps)]
+            layers[name] = dict(zip(keys[:-1], means, strict=True)) | {"oscillations": int(values[-1])}
+            totals = [total + mean * elements for total, mean in zip(totals, means, strict=True)]
+            total_oscillations += int(values[-1])
+            total_elements += elements
+        overall: dict[str, float | int] = {
+            key: total / max(total_elements, 1) for key, total in zip(keys[:-1], totals, strict=True)
+        }
+        overall["oscillations"] = total_oscillations
+        if reset_window:
+            self.reset_window()
+        return {"overall": overall, "layers": layers}
+
+    def reset_window(self) -> None:
+        """Restarts the flip-rate window."""
+        for state in self._states.values():
+            state.window_flips.zero_()
+        self.window_steps = 0
+
+    def metrics(self, prefix: str = "osc/", reset_window: bool = False) -> dict[str, float]:
+        """Flat overall metrics for MLflow: ``{prefix}mean_freq``, ``{prefix}frac_gt_{τ:g}``, ``{prefix}flip_rate``."""
+        overall = self.summary(reset_window=reset_window)["overall"]
+        return {f"{prefix}{key}": float(overall[key]) for key in self._stat_keys()[:-1]}
+
+    # --- checkpointing ------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """The tracker state: ``"{name}.{field}"`` tensors plus ``window_steps`` and ``momentum``.
+
+        Safe for ``torch.load(..., weights_only=True)`` (tensors, ints and floats only). Tensors are
+        references to the live state; ``torch.save`` copies them.
+        """
+        state: dict[str, Any] = {"window_steps": self.window_steps, "momentum": self.momentum}
+        for name, tensors in self._states.items():
+            for item in _FIELDS:
+                state[f"{name}.{item}"] = getattr(tensors, item)
+        return state
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restores a :meth:`state_dict` taken from a tracker on the same architecture.
+
+        Tensors are copied to each weight's current device. The ``momentum`` entry is informational;
+        this tracker keeps its own.
+
+        Raises:
+            ValueError: on missing or unexpected entries, or a tensor whose shape does not match.
+        """
+        expected_meta = {"window_steps", "momentum"}
+        tensor_keys = [key for key in state if key not in expected_meta]
+        recorded = bool(tensor_keys)
+        wanted = {f"{name}.{item}" for name, _ in self._sources for item in _FIELDS} if recorded else set()
+        missing = sorted(wanted - set(tensor_keys) | (expected_meta - set(state)))
+        unexpected = sorted(set(tensor_keys) - wanted)
+        if missing or unexpected:
+            raise ValueError(
+                "oscillation state: does not match the tracked weights; "
+                f"missing: {', '.join(missing[:5]) or 'none'}; unexpected: {', '.join(unexpected[:5]) or 'none'}"
+            )
+        states: dict[str, _TensorState] = {}
+        if recorded:
+            for name, source in self._sources:
+                device, shape = _device_of(source), _shape_of(source)
+                values = {item: state[f"{name}.{item}"].detach().clone().to(device) for item in _FIELDS}
+                if values["previous_codes"].shape != shape:
+                    raise ValueError(
+                        f"oscillation state: {name} has shape {tuple(values['previous_codes'].shape)}; "
+                        f"allowed: {tuple(shape)}"
+                    )
+                states[name] = _TensorState(**values)
+        self._states = states
+        self.window_steps = int(state["window_steps"])

@@ -1,0 +1,318 @@
+"""Fake quantizers: StatsQ for low-bit weights, LSQ for activations and 8-bit layers.
+
+Both are built from fused autograd functions, so a quantizer adds one node to the graph and saves one
+tensor for backward, whatever its rounding and clipping do inside.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal, cast
+
+import torch
+from torch import nn
+from torch.nn.parameter import UninitializedParameter
+
+Granularity = Literal["tensor", "token", "query", "channel", "out_channel", "in_channel"]
+GRANULARITIES: tuple[str, ...] = ("tensor", "token", "query", "channel", "out_channel", "in_channel")
+
+# The reference clips W/s to [-1, 1 - 1e-6] so that the top code stays n - 1.
+_STATSQ_UPPER = 1.0 - 1e-6
+_MIN_STEP = 1e-5
+
+
+def check_bits(bits: int, field: str = "bits") -> int:
+    """Returns ``bits`` if it is an int in 2..8, else raises a one-line ValueError naming ``field``."""
+    if isinstance(bits, bool) or not isinstance(bits, int) or not 2 <= bits <= 8:
+        raise ValueError(f"{field}: {bits!r} is not allowed; allowed: an integer from 2 to 8")
+    return bits
+
+
+def low_confidence(z: torch.Tensor, boundary_range: float) -> torch.Tensor:
+    """Marks values within ``boundary_range`` of a rounding threshold (True = low confidence).
+
+    ``z`` is a pre-round value in units of the quantization step (StatsQ's ``W/s*n - 0.5``); the
+    thresholds are the half-integers between the smallest and largest code present in the tensor, so
+    a clipped value (beyond the outermost level) is never low-confidence. Vectorized: no tensor per
+    level is built.
+    """
+    codes = torch.round(z)
+    lowest, highest = codes.min(), codes.max()
+    below = torch.floor(z)  # the only threshold a value can be near is floor(z) + 0.5
+    near = (z - below - 0.5).abs() <= boundary_range
+    return near & (below >= lowest) & (below <= highest - 1)
+
+
+class _StatsQuantize(torch.autograd.Function):
+    """Forward: StatsQ levels. Backward: identity (optionally masked), no clipping mask."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: torch.autograd.function.FunctionCtx,
+        weight: torch.Tensor,
+        levels_half: int,
+        boundary_range: float | None,
+    ) -> torch.Tensor:
+        scale = statsq_scale(weight)
+        z = statsq_prequant(weight, scale, levels_half)
+        if boundary_range is not None:
+            ctx.save_for_backward(low_confidence(z, boundary_range))
+        ctx.masked = boundary_range is not None  # type: ignore[attr-defined]
+        return scale * ((torch.round(z) + 0.5) / levels_half)
+
+    @staticmethod
+    def backward(  # type: ignore[override]
+        ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor
+    ) -> tuple[torch.Tensor | None, None, None]:
+        if ctx.masked:  # type: ignore[attr-defined]
+            (trainable,) = ctx.saved_tensors  # type: ignore[attr-defined]
+            grad = grad * trainable
+        return grad, None, None
+
+
+def statsq_scale(weight: torch.Tensor) -> torch.Tensor:
+    """Per-output-row scale ``2 * mean|W_row|`` (no gradient), shaped to broadcast against ``weight``."""
+    reduce_dims = tuple(range(1, weight.dim()))
+    return (2.0 * weight.detach().abs().mean(dim=reduce_dims, keepdim=True)).clamp_min(1e-12)
+
+
+def statsq_prequant(weight: torch.Tensor, scale: torch.Tensor, levels_half: int) -> torch.Tensor:
+    """The value StatsQ rounds: ``clamp(W/s, -1, 1-1e-6) * n - 0.5`` (in units of the step s/n)."""
+    return (weight.detach() / scale).clamp(-1.0, _STATSQ_UPPER) * levels_half - 0.5
+
+
+class StatsQuantizer(nn.Module):
+    """StatsQ weight quantizer: statistics-derived scale, symmetric grid without a zero level.
+
+    Per output row r, ``s_r = 2 * mean|W_r|`` is recomputed at every call and carries no gradient.
+    Codes ``k = round(clamp(W/s, -1, 1-1e-6) * n - 0.5)`` lie in ``[-n, n-1]`` with ``n = 2**(bits-1)``;
+    the fake-quantized weight is ``s * (k + 0.5) / n``. The gradient is a plain straight-through
+    identity, clipped weights included.
+
+    Setting ``boundary_range`` (done by :class:`~ofq_ray.quant.cga.CGA` for derived weights such as the
+    QKR merged product) masks the gradient of every high-confidence entry while training.
+
+    Example:
+        >>> q = StatsQuantizer(2)
+        >>> w = torch.tensor([[1.0, -1.0, 0.25, -0.25]])  # s = 1.25: levels +-0.3125, +-0.9375
+        >>> q.codes(w).tolist()
+        [[1, -2, 0, -1]]
+    """
+
+    def __init__(self, bits: int) -> None:
+        super().__init__()
+        self.bits = check_bits(bits)
+        self.levels_half = 2 ** (bits - 1)
+        self.boundary_range: float | None = None
+
+    def scale(self, weight: torch.Tensor) -> torch.Tensor:
+        return statsq_scale(weight)
+
+    def codes(self, weight: torch.Tensor) -> torch.Tensor:
+        """Integer codes in ``[-2**(b-1), 2**(b-1) - 1]`` (int8 is enough for every allowed width)."""
+        z = statsq_prequant(weight, statsq_scale(weight), self.levels_half)
+        return torch.round(z).to(torch.int8)
+
+    def prequant(self, weight: torch.Tensor) -> torch.Tensor:
+        return statsq_prequant(weight, statsq_scale(weight), self.levels_half)
+
+    def dequantize(self, codes: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        return scale * ((codes.to(scale.dtype) + 0.5) / self.levels_half)
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        masked = self.boundary_range is not None and self.training and weight.requires_grad
+        out: torch.Tensor = _StatsQuantize.apply(weight, self.levels_half, self.boundary_range if masked else None)
+        return out
+
+    def extra_repr(self) -> str:
+        return f"bits={self.bits}"
+
+
+class _LsqQuantize(torch.autograd.Function):
+    """LSQ: ``s * round(clamp(x/s, qn, qp))`` with the straight-through estimator.
+
+    Gradients: x gets ``grad`` inside the clip range and 0 outside; the step gets the LSQ gradient
+    ``sum(grad * (round(v) - v))`` inside and ``qn``/``qp`` outside, times ``grad_scale``.
+    The ``max(s, 1e-5)`` floor passes its gradient straight through.
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: torch.autograd.function.FunctionCtx,
+        x: torch.Tensor,
+        step: torch.Tensor,
+        qn: int,
+        qp: int,
+        grad_scale: float,
+    ) -> torch.Tensor:
+        # Rounding decisions in bf16/fp16 would move codes; quantize in float32 and cast back.
+        s = step.clamp_min(_MIN_STEP).float()
+        v = x.float() / s
+        clipped = v.clamp(qn, qp)
+        rounded = torch.round(clipped)
+        inside = clipped == v
+        # d(out)/ds per element: round(v) - v inside the range, the clip bound outside.
+        ctx.save_for_backward(inside, torch.addcmul(rounded, v, inside, value=-1.0))
+        ctx.step_shape = step.shape  # type: ignore[attr-defined]
+        ctx.step_dtype = step.dtype  # type: ignore[attr-defined]
+        ctx.grad_scale = grad_scale  # type: ignore[attr-defined]
+        ctx.x_dtype = x.dtype  # type: ignore[attr-defined]
+        return (rounded * s).to(x.dtype)
+
+    @staticmethod
+    def backward(  # type: ignore[override]
+        ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, None, None, None]:
+        inside, dstep = ctx.saved_tensors  # type: ignore[attr-defined]
+        grad_x = (grad * inside).to(ctx.x_dtype)  # type: ignore[attr-defined]
+        grad = grad.float()
+        step_shape = ctx.step_shape  # type: ignore[attr-defined]
+        reduce_dims = [d for d, size in enumerate(step_shape) if size == 1 and grad.shape[d] != 1]
+        grad_step = (grad * dstep).sum(dim=reduce_dims, keepdim=True) if reduce_dims else grad * dstep
+        grad_step = (grad_step * ctx.grad_scale).to(ctx.step_dtype)  # type: ignore[attr-defined]
+        return grad_x, grad_step.reshape(step_shape), None, None, None
+
+
+def _scale_dims(granularity: str, ndim: int) -> tuple[int, ...]:
+    """The dimensions of an ``ndim`` tensor that get their own step size."""
+    if granularity == "tensor":
+        return ()
+    if granularity == "token":  # every position between the batch and the feature dimension
+        return tuple(range(1, ndim - 1))
+    if granularity == "query":  # rows of an attention map, shared over batch and heads
+        return (ndim - 2,)
+    if granularity == "channel":
+        return (ndim - 1,)
+    if granularity == "out_channel":
+        return (0,)
+    if granularity == "in_channel":
+        return (1,)
+    raise ValueError(f"granularity: {granularity!r} is not allowed; allowed: {', '.join(GRANULARITIES)}")
+
+
+class LsqQuantizer(nn.Module):
+    """LSQ fake quantizer with a learnable step, plus optional learnable shifts before and after.
+
+    Computes ``Q(x + shift_before) + shift_after``, where ``Q`` is LSQ on the signed grid
+    ``[-2**(b-1), 2**(b-1)-1]`` or the unsigned grid ``[0, 2**b - 1]``.
+
+    The step has one entry per group given by ``granularity``:
+      - ``"token"``: one per position between the batch and the last (feature) dim: per token for
+        ``[B, N, C]``, per (head, token) for ``[B, H, N, C]``, per pixel for ``[B, H, W, C]``;
+      - ``"query"``: one per row of ``[..., N, N']`` (attention maps), shared over batch and heads;
+      - ``"channel"``: per last-dim feature; ``"out_channel"``: per dim-0 row (weights);
+        ``"in_channel"``: per dim-1 channel (NCHW images); ``"tensor"``: one scalar.
+
+    The step is created lazily on the first call (or by :meth:`init_from`) as
+    ``2 * mean|x| / sqrt(qp)`` per group (``4 * ...`` for unsigned grids), which is why activation
+    scales must be initialized before the optimizer is built. Its gradient is scaled by
+    ``1 / sqrt(qp * elements per group)``.
+
+    Args:
+        bits: grid width, 2..8.
+        signed: signed grid (True) or unsigned (False, e.g. for softmax or GELU outputs).
+        granularity: see above.
+        shift_shape: shape of the learnable shifts, broadcastable against the input (e.g. ``(C,)``);
+            ``None`` for no shifts.
+    """
+
+    def __init__(
+        self,
+        bits: int,
+        signed: bool = True,
+        granularity: Granularity = "token",
+        shift_shape: tuple[int, ...] | None = None,
+    ) -> None:
+        super().__init__()
+        self.bits = check_bits(bits)
+        _scale_dims(granularity, 4)  # validates the name
+        self.signed = bool(signed)
+        self.granularity = granularity
+        self.qn = -(2 ** (bits - 1)) if signed else 0
+        self.qp = 2 ** (bits - 1) - 1 if signed else 2**bits - 1
+        self.step: nn.Parameter = cast(nn.Parameter, UninitializedParameter())
+        if shift_shape is None:
+            self.shift_before: nn.Parameter | None = None
+            self.shift_after: nn.Parameter | None = None
+        else:
+            self.shift_before = nn.Parameter(torch.zeros(shift_shape))
+            self.shift_after = nn.Parameter(torch.zeros(shift_shape))
+
+    @property
+    def initialized(self) -> bool:
+        return not isinstance(self.step, UninitializedParameter)
+
+    def _step_shape(self, x: torch.Tensor) -> tuple[int, ...]:
+        keep = _scale_dims(self.granularity, x.dim())
+        return tuple(size if d in keep else 1 for d, size in enumerate(x.shape))
+
+    @torch.no_grad()
+    def init_from(self, x: torch.Tensor) -> None:
+        """(Re)initializes the step from a batch ``x`` (shifts are applied first, as in forward)."""
+        if self.shift_before is not None:
+            x = x + self.shift_before
+        shape = self._step_shape(x)
+        reduce_dims = [d for d, size in enumerate(shape) if size == 1]
+        mean_abs = (
+            x.detach().float().abs().mean(dim=reduce_dims, keepdim=True) if reduce_dims else x.detach().float().abs()
+        )
+        factor = 2.0 if self.signed else 4.0
+        value = (factor * mean_abs / math.sqrt(self.qp)).clamp_min(_MIN_STEP)
+        if self.initialized:
+            self.step.data = value.to(self.step.device)
+        else:
+            cast(UninitializedParameter, self.step).materialize(shape, device=x.device, dtype=torch.float32)
+            self.step.data.copy_(value)
+
+    def grad_scale(self, x: torch.Tensor) -> float:
+        return 1.0 / math.sqrt(self.qp * (x.numel() // self.step.numel()))
+
+    def quantize(self, x: torch.Tensor) -> torch.Tensor:
+        """LSQ alone (no shifts); the step must be initialized."""
+        out: torch.Tensor = _LsqQuantize.apply(x, self.step, self.qn, self.qp, self.grad_scale(x))
+        return out
+
+    def codes(self, x: torch.Tensor) -> torch.Tensor:
+        """Integer codes of ``x`` (no shifts), int16 so that unsigned 8-bit codes fit."""
+        step = self.step.detach().clamp_min(_MIN_STEP)
+        return torch.round((x.detach() / step).clamp(self.qn, self.qp)).to(torch.int16)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.initialized:
+            self.init_from(x)
+        if self.shift_before is not None:
+            x = x + self.shift_before
+        x = self.quantize(x)
+        if self.shift_after is not None:
+            x = x + self.shift_after
+        return x
+
+    def _load_from_state_dict(
+        self,
+        state_dict: dict[str, torch.Tensor],
+        prefix: str,
+        local_metadata: dict,
+        strict: bool,
+        missing_keys: list[str],
+        unexpected_keys: list[str],
+        error_msgs: list[str],
+    ) -> None:
+        # A checkpoint fixes the step's shape: materialize it so a fresh model can load it.
+        key = prefix + "step"
+        if key in state_dict and not self.initialized:
+            cast(UninitializedParameter, self.step).materialize(state_dict[key].shape, dtype=torch.float32)
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
+
+    def extra_repr(self) -> str:
+        kind = "signed" if self.signed else "unsigned"
+        shifts = "" if self.shift_before is None else f", shifts={tuple(self.shift_before.shape)}"
+        return f"bits={self.bits}, {kind}, granularity={self.granularity}{shifts}"
+
+
+def lsq_weight_quantizer(weight: torch.Tensor, bits: int) -> LsqQuantizer:
+    """An LSQ quantizer for a weight (one learnable step per output row), initialized from it."""
+    quantizer = LsqQuantizer(bits, signed=True, granularity="out_channel")
+    quantizer.init_from(weight)
+    return quantizer

@@ -1,0 +1,41 @@
+"""Shared fixtures: tiny timm models on small images, so CPU tests stay fast."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pytest
+import timm
+import torch
+from torch import nn
+
+
+def make_tiny_vit(seed: int = 0, **overrides: object) -> nn.Module:
+    """A DeiT-tiny-shaped ViT for 32 px grayscale: patch 4, width 48, 3 heads, depth 2, qkv biases."""
+    torch.manual_seed(seed)
+    kwargs: dict[str, object] = dict(
+        pretrained=False,
+        num_classes=10,
+        img_size=32,
+        patch_size=4,
+        in_chans=1,
+        depth=2,
+        embed_dim=48,
+        num_heads=3,
+        qkv_bias=True,
+    )
+    kwargs.update(overrides)
+    return timm.create_model("deit_tiny_patch16_224", **kwargs)
+
+
+def randomize_biases(model: nn.Module, std: float = 0.3) -> None:
+    """timm initializes biases to zero; pretrained models have non-zero ones, which QKR must handle."""
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("bias") or "relative_position_bias_table" in name:
+                param.normal_(0.0, std)
+
+
+@pytest.fixture
+def tiny_vit() -> Callable[..., nn.Module]:
+    return make_tiny_vit
