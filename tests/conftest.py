@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import os
+from collections.abc import Callable, Iterator
 
 import pytest
 import timm
@@ -39,3 +40,15 @@ def randomize_biases(model: nn.Module, std: float = 0.3) -> None:
 @pytest.fixture
 def tiny_vit() -> Callable[..., nn.Module]:
     return make_tiny_vit
+
+
+@pytest.fixture(scope="session")
+def ray_session() -> Iterator[None]:
+    """One local Ray for the whole session (starting Ray costs seconds), with the dashboard: Ray Train
+    needs its state API to clean up after stopped runs."""
+    os.environ["RAY_AUTH_MODE"] = "disabled"
+    import ray
+
+    ray.init(num_cpus=4, object_store_memory=1_000_000_000, include_dashboard=True, log_to_driver=True)
+    yield
+    ray.shutdown()

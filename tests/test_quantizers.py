@@ -199,3 +199,15 @@ def test_lsq_gradient_of_step_floor_is_straight_through() -> None:
     q.step.data.fill_(1e-9)  # below the 1e-5 floor
     q(x).sum().backward()
     assert q.step.grad is not None and q.step.grad.abs().item() > 0
+
+
+def test_replicas_make_the_gradient_scale_count_the_global_batch() -> None:
+    x = torch.randn(8, 5, 4)
+    q = LsqQuantizer(2)
+    q.init_from(x)
+    single = q.grad_scale(x)
+    q.replicas = 4  # four workers with 8 each = a global batch of 32
+    assert q.grad_scale(x) == pytest.approx(single / 2)
+    one_worker = LsqQuantizer(2)
+    one_worker.init_from(torch.randn(32, 5, 4))
+    assert q.grad_scale(x) == pytest.approx(one_worker.grad_scale(torch.randn(32, 5, 4)))

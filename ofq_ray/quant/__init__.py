@@ -2,7 +2,7 @@
 
 from .attention import QuantAttention, QuantWindowAttention
 from .cga import CGA, cga_mask
-from .convert import QuantConfig, init_activation_scales, quantize_model
+from .convert import QuantConfig, init_activation_scales, quantize_model, set_data_parallel_replicas
 from .export import export_quantized, load_exported, quantized_size_bytes
 from .layers import QConv2d, QLinear, WeightSource, iter_quantized_weights
 from .oscillation import OscillationTracker
@@ -26,4 +26,5 @@ __all__ = [
     "load_exported",
     "quantize_model",
     "quantized_size_bytes",
+    "set_data_parallel_replicas",
 ]

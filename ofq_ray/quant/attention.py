@@ -108,11 +108,15 @@ class QuantAttention(nn.Module):
 
     # --- QKR pieces -------------------------------------------------------------------------------
     def merged_weight(self) -> torch.Tensor:
-        """The float merged product, stacked per head: ``[H * C, C]`` with block h = W_q^h^T W_k^h."""
+        """The float merged product, stacked per head: ``[H * C, C]`` with block h = W_q^h^T W_k^h.
+
+        Always computed in float32 (also under autocast): its rounding thresholds decide the codes.
+        """
         heads, d = self.num_heads, self.head_dim
-        q = self.q_weight.view(heads, d, self.dim)
-        k = self.k_weight.view(heads, d, self.dim)
-        return torch.matmul(q.transpose(1, 2), k).reshape(heads * self.dim, self.dim)
+        q = self.q_weight.view(heads, d, self.dim).float()
+        k = self.k_weight.view(heads, d, self.dim).float()
+        with torch.autocast(q.device.type, enabled=False):
+            return torch.matmul(q.transpose(1, 2), k).reshape(heads * self.dim, self.dim)
 
     def key_bias(self) -> torch.Tensor | None:
         """``u_h = W_k^h^T b_q^h`` ([H, C]); the logit term ``u_h . x_m`` depends on the key only."""

@@ -221,6 +221,7 @@ def quantize_model(model: nn.Module, config: QuantConfig) -> nn.Module:
     if not isinstance(model, SUPPORTED_MODELS):
         allowed = ", ".join(cls.__name__ for cls in SUPPORTED_MODELS)
         raise ValueError(f"model: {type(model).__name__} cannot be quantized; allowed: {allowed} (timm)")
+    reference = next(model.parameters())
     heads = _classifier_linears(model)
     for name, module in list(model.named_modules()):
         if id(module) in heads:
@@ -232,8 +233,22 @@ def quantize_model(model: nn.Module, config: QuantConfig) -> nn.Module:
             new = handler(module, config)
             if new is not module:
                 _set_submodule(model, name, new)
+    # New quantizer parameters are created on the CPU: follow the model's device and dtype.
+    model.to(device=reference.device, dtype=reference.dtype)
     model.ofq_config = config  # type: ignore[assignment]
     return model
+
+
+def set_data_parallel_replicas(model: nn.Module, replicas: int) -> None:
+    """Makes LSQ gradient scales count the global batch of ``replicas`` data-parallel workers.
+
+    With it, N workers with per-worker batch B/N train exactly like one worker with batch B. The
+    reference counts the per-GPU batch (its step sizes learn faster on more GPUs); leave
+    ``replicas=1`` to reproduce that.
+    """
+    for module in model.modules():
+        if isinstance(module, LsqQuantizer):
+            module.replicas = replicas
 
 
 @torch.no_grad()

@@ -152,7 +152,8 @@ class _LsqQuantize(torch.autograd.Function):
         rounded = torch.round(clipped)
         inside = clipped == v
         # d(out)/ds per element: round(v) - v inside the range, the clip bound outside.
-        ctx.save_for_backward(inside, torch.addcmul(rounded, v, inside, value=-1.0))
+        # (kept in the input's dtype: half the memory under bf16 autocast, ample precision for a gradient)
+        ctx.save_for_backward(inside, torch.addcmul(rounded, v, inside, value=-1.0).to(x.dtype))
         ctx.step_shape = step.shape  # type: ignore[attr-defined]
         ctx.step_dtype = step.dtype  # type: ignore[attr-defined]
         ctx.grad_scale = grad_scale  # type: ignore[attr-defined]
@@ -164,6 +165,7 @@ class _LsqQuantize(torch.autograd.Function):
         ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, None, None, None]:
         inside, dstep = ctx.saved_tensors  # type: ignore[attr-defined]
+        dstep = dstep.float()
         grad_x = (grad * inside).to(ctx.x_dtype)  # type: ignore[attr-defined]
         grad = grad.float()
         step_shape = ctx.step_shape  # type: ignore[attr-defined]
@@ -206,7 +208,8 @@ class LsqQuantizer(nn.Module):
     The step is created lazily on the first call (or by :meth:`init_from`) as
     ``2 * mean|x| / sqrt(qp)`` per group (``4 * ...`` for unsigned grids), which is why activation
     scales must be initialized before the optimizer is built. Its gradient is scaled by
-    ``1 / sqrt(qp * elements per group)``.
+    ``1 / sqrt(qp * elements per group * replicas)`` (``replicas``: data-parallel workers, see
+    :func:`~ofq_ray.quant.convert.set_data_parallel_replicas`).
 
     Args:
         bits: grid width, 2..8.
@@ -231,6 +234,9 @@ class LsqQuantizer(nn.Module):
         self.qn = -(2 ** (bits - 1)) if signed else 0
         self.qp = 2 ** (bits - 1) - 1 if signed else 2**bits - 1
         self.step: nn.Parameter = cast(nn.Parameter, UninitializedParameter())
+        # Data-parallel replicas whose batches make up the global batch: the gradient scale counts
+        # the global batch, so N workers train like one (the reference counts the per-GPU batch).
+        self.replicas = 1
         if shift_shape is None:
             self.shift_before: nn.Parameter | None = None
             self.shift_after: nn.Parameter | None = None
@@ -265,7 +271,7 @@ class LsqQuantizer(nn.Module):
             self.step.data.copy_(value)
 
     def grad_scale(self, x: torch.Tensor) -> float:
-        return 1.0 / math.sqrt(self.qp * (x.numel() // self.step.numel()))
+        return 1.0 / math.sqrt(self.qp * (x.numel() // self.step.numel()) * self.replicas)
 
     def quantize(self, x: torch.Tensor) -> torch.Tensor:
         """LSQ alone (no shifts); the step must be initialized."""

@@ -1,0 +1,232 @@
+"""Training-step time of the OFQ model vs the same FP model, measured alternately in one process.
+
+One step = forward + backward + AdamW step, with the KD teacher's forward included for both models
+(so the ratio isolates the cost of quantization), plus an FP step without a teacher for reference.
+
+    python benchmarks/step_speed.py --quick                      # CPU, the Fashion-MNIST ViT
+    python benchmarks/step_speed.py --device cuda --compile      # DeiT-S at 224 px, bf16, batch 128
+
+Prints a table and writes JSON (``--out``). Only torch and timm are needed (no Ray, no MLflow), so
+it runs on a bare GPU machine with ``PYTHONPATH=.``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from ofq_ray.engine import build_optimizer, soft_cross_entropy  # noqa: E402
+from ofq_ray.models import create_model, get_spec, teacher_logits  # noqa: E402
+from ofq_ray.quant import QuantConfig, init_activation_scales, quantize_model  # noqa: E402
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def make_step(
+    model: nn.Module, teacher: nn.Module | None, images: torch.Tensor, labels: torch.Tensor, dtype: torch.dtype | None
+) -> Callable[[], None]:
+    optimizer = build_optimizer(model, 1e-4, 0.05)
+    device = images.device
+
+    def step() -> None:
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+            soft = teacher_logits(teacher, images) if teacher is not None else None
+            out = model(images)
+            logits = out[0] if isinstance(out, tuple) else out
+            loss = F.cross_entropy(logits.float(), labels)
+            if soft is not None:
+                loss = loss + soft_cross_entropy(out[1] if isinstance(out, tuple) else out, soft)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    return step
+
+
+def time_steps(step: Callable[[], None], steps: int, device: torch.device) -> float:
+    _sync(device)
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    _sync(device)
+    return (time.perf_counter() - start) / steps
+
+
+def peak_memory(step: Callable[[], None], device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    step()
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() / 2**20
+
+
+def build(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
+    spec = get_spec(args.model)
+    torch.manual_seed(0)
+    fp = create_model(args.model, num_classes=args.classes).to(device)
+    teacher = copy.deepcopy(fp).eval().requires_grad_(False)
+    images = torch.randn(args.batch, spec.in_chans, spec.img_size, spec.img_size, device=device)
+    labels = torch.randint(0, args.classes, (args.batch,), device=device)
+    ofq = quantize_model(copy.deepcopy(fp), QuantConfig(weight_bits=args.bits, act_bits=args.bits, qkr=not args.no_qkr))
+    init_activation_scales(ofq, images)
+    for model in (fp, ofq):
+        model.train()
+        if hasattr(model, "set_distilled_training"):
+            model.set_distilled_training(True)
+    return {"fp": fp, "ofq": ofq, "teacher": teacher, "images": images, "labels": labels, "spec": spec}
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    device = torch.device(args.device)
+    dtype = torch.bfloat16 if args.bf16 else None
+    if device.type == "cpu":
+        torch.set_num_threads(args.threads or torch.get_num_threads())
+    parts = build(args, device)
+    variants: dict[str, Callable[[], None]] = {
+        "fp": make_step(parts["fp"], None, parts["images"], parts["labels"], dtype),
+        "fp+kd": make_step(parts["fp"], parts["teacher"], parts["images"], parts["labels"], dtype),
+        "ofq+kd": make_step(parts["ofq"], parts["teacher"], parts["images"], parts["labels"], dtype),
+    }
+    if args.compile:
+        for name in ("fp+kd", "ofq+kd"):
+            base = parts["fp"] if name.startswith("fp") else parts["ofq"]
+            compiled = torch.compile(copy.deepcopy(base))
+            variants[f"{name} compiled"] = make_step(
+                compiled, parts["teacher"], parts["images"], parts["labels"], dtype
+            )
+    compile_s = {}
+    for name, step in variants.items():  # warm-up (and compilation) outside the timed rounds
+        start = time.perf_counter()
+        for _ in range(args.warmup):
+            step()
+        _sync(device)
+        compile_s[name] = time.perf_counter() - start
+    memory = {name: peak_memory(step, device) for name, step in variants.items()}
+    samples: dict[str, list[float]] = {name: [] for name in variants}
+    for _ in range(args.rounds):  # alternate so drift and noise hit every variant alike
+        for name, step in variants.items():
+            samples[name].append(time_steps(step, args.steps, device))
+    median = {name: statistics.median(values) for name, values in samples.items()}
+    ratios = {"ofq+kd / fp+kd": median["ofq+kd"] / median["fp+kd"], "ofq+kd / fp": median["ofq+kd"] / median["fp"]}
+    if args.compile:
+        ratios["ofq+kd / fp+kd (compiled)"] = median["ofq+kd compiled"] / median["fp+kd compiled"]
+        ratios["compiled / eager (ofq+kd)"] = median["ofq+kd compiled"] / median["ofq+kd"]
+    if device.type == "cuda" and memory["fp+kd"]:
+        ratios["peak memory ofq+kd / fp+kd"] = memory["ofq+kd"] / memory["fp+kd"]  # type: ignore[operator]
+    profile = _profile(variants["ofq+kd"], device, args.profile_rows) if args.profile_rows else None
+    return {
+        "benchmark": "step_speed",
+        "device": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu",
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "model": args.model,
+        "img_size": parts["spec"].img_size,
+        "batch": args.batch,
+        "bits": args.bits,
+        "qkr": not args.no_qkr,
+        "precision": "bf16" if args.bf16 else "fp32",
+        "rounds": args.rounds,
+        "steps_per_round": args.steps,
+        "step_s_median": median,
+        "step_s_samples": samples,
+        "img_per_s": {name: args.batch / value for name, value in median.items()},
+        "warmup_s": compile_s,
+        "peak_memory_mib": memory,
+        "ratios": ratios,
+        "profile": profile,
+    }
+
+
+def _profile(step: Callable[[], None], device: torch.device, rows: int) -> str:
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        for _ in range(3):
+            step()
+        _sync(device)
+    averages = prof.key_averages()
+    if device.type != "cuda":
+        return str(averages.table(sort_by="self_cpu_time_total", row_limit=rows))
+    try:  # the key was renamed across torch releases
+        return str(averages.table(sort_by="self_device_time_total", row_limit=rows))
+    except (AttributeError, KeyError, ValueError):
+        return str(averages.table(sort_by="self_cuda_time_total", row_limit=rows))
+
+
+def print_table(result: dict[str, Any]) -> None:
+    print(
+        f"\nstep_speed on {result['device']} ({result['precision']}, {result['model']} @ {result['img_size']} px, "
+        f"batch {result['batch']}, W{result['bits']}A{result['bits']}, QKR {'on' if result['qkr'] else 'off'})"
+    )
+    print(f"{'variant':<22}{'step ms':>10}{'img/s':>10}{'peak MiB':>10}{'warm-up s':>11}")
+    for name, seconds in result["step_s_median"].items():
+        memory = result["peak_memory_mib"][name]
+        print(
+            f"{name:<22}{1000 * seconds:>10.1f}{result['img_per_s'][name]:>10.0f}"
+            f"{(f'{memory:.0f}' if memory else '-'):>10}{result['warmup_s'][name]:>11.1f}"
+        )
+    for name, value in result["ratios"].items():
+        print(f"ratio {name:<36}{value:>8.3f}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    parser.add_argument("--model", default=None, help="registered model (default: vit_fmnist on CPU, DeiT-S on GPU)")
+    parser.add_argument("--batch", type=int, default=None)
+    parser.add_argument("--bits", type=int, default=2)
+    parser.add_argument("--no-qkr", action="store_true")
+    parser.add_argument("--classes", type=int, default=None)
+    parser.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None)
+    parser.add_argument("--compile", action="store_true", help="also time torch.compile'd models")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--quick", action="store_true", help="fewer rounds")
+    parser.add_argument("--profile-rows", type=int, default=0, help="append a profiler table of the OFQ step")
+    parser.add_argument("--out", default=None, help="JSON path (default benchmarks/results/step_speed_<device>.json)")
+    args = parser.parse_args(argv)
+    gpu = args.device == "cuda"
+    args.model = args.model or ("deit_small_distilled_patch16_224" if gpu else "vit_fmnist")
+    args.batch = args.batch or (128 if gpu else 128)
+    args.classes = args.classes or (1000 if gpu else 10)
+    args.bf16 = gpu if args.bf16 is None else args.bf16
+    if args.quick:
+        args.rounds, args.steps = 3, 3
+    result = run(args)
+    print_table(result)
+    if result["profile"]:
+        print(result["profile"])
+    out = args.out or os.path.join(
+        os.path.dirname(os.path.abspath(__file__)), "results", f"step_speed_{args.device}.json"
+    )
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    with open(out, "w") as handle:
+        json.dump(result, handle, indent=2)
+    print(f"\nwrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,153 @@
+"""``ofq-ray``: pretrain | train | eval (and, with the sweep layer, tune | best | ui | export).
+
+Bad input is reported as one line, ``ofq-ray: error: <key>: ...``, with exit status 2 and nothing
+created (no MLflow run, no checkpoint).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Callable
+from typing import Any
+
+from .checkpoint import CheckpointError
+from .config import ConfigError, RunConfig, load_config
+
+USAGE_ERROR = 2
+
+
+class UsageError(ValueError):
+    """A command-line mistake (one line)."""
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("config", help="run config YAML (see configs/)")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config value by its dotted key, e.g. --set optim.lr=1e-4 (repeatable)",
+    )
+    parser.add_argument("--workers", type=int, default=None, help="Ray Train workers (overrides `workers`)")
+    parser.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS or a local Ray)")
+
+
+def _load(args: argparse.Namespace, stage: str | None = None) -> RunConfig:
+    overrides = list(args.overrides)
+    if args.workers is not None:
+        overrides.append(f"workers={args.workers}")
+    if stage is not None:
+        overrides.append(f"stage={stage}")
+    return load_config(args.config, overrides)
+
+
+def _summary(result: Any) -> None:
+    best = result.best
+    print(
+        f"\n{result.stage} finished in {result.wall_s:.0f} s: best val/top1 {best.get('val/top1', float('nan')):.2f} "
+        f"(epoch {int(best.get('epoch', -1)) + 1}), last {result.last.get('val/top1', float('nan')):.2f}\n"
+        f"  MLflow run:  {result.run_id}  ({result.tracking_uri})\n"
+        f"  checkpoint:  runs:/{result.run_id}/checkpoints/best   (local: {result.best_checkpoint})"
+    )
+    if "registered" in result.extra:
+        print(f"  registered:  {result.extra['registered']}")
+
+
+def cmd_pretrain(args: argparse.Namespace) -> int:
+    from .train import ensure_ray, run_training
+
+    config = _load(args, stage="pretrain")
+    ensure_ray(args.address)
+    _summary(run_training(config))
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from .train import ensure_ray, run_training
+
+    config = _load(args)
+    if config.stage == "pretrain":
+        raise ConfigError(
+            "stage: 'pretrain' is not allowed for `ofq-ray train`; allowed: qat, cga (or `ofq-ray pretrain`)"
+        )
+    ensure_ray(args.address)
+    _summary(run_training(config))
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    import torch
+
+    from .checkpoint import model_from_checkpoint
+    from .data import build_datasets, build_loader
+    from .engine import evaluate
+    from .tracking import resolve_tracking_uri
+    from .train import resolve_source
+
+    base = load_config(args.config, args.overrides) if args.config else None
+    runs_dir = os.path.abspath(base.runs_dir if base else "ofq-runs")
+    tracking_uri = resolve_tracking_uri(base.tracking.uri if base else None, runs_dir)
+    path = resolve_source(args.checkpoint, tracking_uri, "--checkpoint")
+    model, state = model_from_checkpoint(path)
+    config = base or load_config(None, base=state["config"])
+    info = state["data_info"]
+    _, val_set, data_info = build_datasets(
+        config.data.name, config.data.root, info["img_size"], val_subset=config.data.val_subset, seed=config.seed
+    )
+    if data_info.num_classes != info["num_classes"]:
+        raise ConfigError(f"data.name: {data_info.num_classes} classes, but the checkpoint has {info['num_classes']}")
+    loader = build_loader(val_set, data_info, batch_size=config.eval_batch_size, train=False)
+    device = torch.device("cuda" if torch.cuda.is_available() and config.use_gpu else "cpu")
+    metrics = evaluate(model.to(device), loader, device=device)
+    metrics["examples"] = data_info.val_size
+    print(json.dumps({"checkpoint": args.checkpoint, "stage": state["stage"], **metrics}, indent=2))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="ofq-ray", description="OFQ quantization-aware training on Ray, tracked in MLflow"
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+    pretrain = commands.add_parser("pretrain", help="train the FP model (QAT init and KD teacher)")
+    _common(pretrain)
+    pretrain.set_defaults(func=cmd_pretrain)
+    train = commands.add_parser("train", help="run a qat or cga stage (stage from the config)")
+    _common(train)
+    train.set_defaults(func=cmd_train)
+    evaluate = commands.add_parser("eval", help="evaluate a checkpoint (path or MLflow URI) on the validation split")
+    evaluate.add_argument("config", nargs="?", default=None, help="run config for the data (default: the checkpoint's)")
+    evaluate.add_argument(
+        "--checkpoint", required=True, help="checkpoint dir/file, runs:/<id>/checkpoints/best, models:/name@alias"
+    )
+    evaluate.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    evaluate.set_defaults(func=cmd_eval)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    handler: Callable[[argparse.Namespace], int] = args.func
+    try:
+        return handler(args)
+    except (ConfigError, CheckpointError, UsageError) as error:
+        print(f"ofq-ray: error: {error}", file=sys.stderr)
+        return USAGE_ERROR
+    except ValueError as error:  # dataset/model/quant validation raises plain one-line ValueErrors
+        if "\n" in str(error) or ":" not in str(error):
+            raise
+        print(f"ofq-ray: error: {error}", file=sys.stderr)
+        return USAGE_ERROR
+    except KeyboardInterrupt:
+        print("ofq-ray: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,341 @@
+"""Run configuration: typed dataclasses, YAML in, dotted ``--set`` overrides, one-line errors out.
+
+Every field is validated where it is parsed; an error names the dotted key, the value and what is
+allowed, e.g. ``optim.lr: -1.0 is not allowed; allowed: a number > 0``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import hashlib
+import json
+import os
+import typing
+from dataclasses import dataclass, field
+from typing import Any
+
+import yaml
+
+from .quant.convert import QuantConfig
+
+STAGES = ("pretrain", "qat", "cga")
+
+
+class ConfigError(ValueError):
+    """A user-facing configuration error (one line; the CLI prints it and exits with status 2)."""
+
+
+def _did_you_mean(value: str, allowed: list[str] | tuple[str, ...]) -> str:
+    close = difflib.get_close_matches(value, list(allowed), n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _spec(
+    *, choices: tuple[str, ...] | None = None, low: float | None = None, high: float | None = None, strict: bool = False
+) -> dict[str, Any]:
+    return {"choices": choices, "low": low, "high": high, "strict": strict}
+
+
+@dataclass
+class ModelConfig:
+    name: str = "vit_fmnist"
+    pretrained: bool = False
+    pretrained_path: str | None = None
+    drop_path_rate: float = field(default=0.0, metadata=_spec(low=0.0, high=1.0))
+
+
+@dataclass
+class DataConfig:
+    name: str = "fashion_mnist"
+    root: str | None = None
+    img_size: int | None = field(default=None, metadata=_spec(low=1))
+    train_subset: int | None = field(default=None, metadata=_spec(low=1))
+    val_subset: int | None = field(default=None, metadata=_spec(low=1))
+    augment: bool = True
+    num_workers: int = field(default=0, metadata=_spec(low=0))
+    mixup: float = field(default=0.0, metadata=_spec(low=0.0))
+    cutmix: float = field(default=0.0, metadata=_spec(low=0.0))
+    label_smoothing: float = field(default=0.0, metadata=_spec(low=0.0, high=1.0))
+
+
+@dataclass
+class OptimConfig:
+    lr: float = field(default=5e-4, metadata=_spec(low=0.0, strict=True))
+    min_lr: float = field(default=1e-5, metadata=_spec(low=0.0))
+    weight_decay: float = field(default=0.05, metadata=_spec(low=0.0))
+    warmup_epochs: int = field(default=0, metadata=_spec(low=0))
+    warmup_lr: float = field(default=1e-6, metadata=_spec(low=0.0))
+    cooldown_epochs: int = field(default=0, metadata=_spec(low=0))
+    # "auto": cosine for pretrain/qat, constant for cga (the reference's CGA runs at a constant LR)
+    schedule: str = field(default="auto", metadata=_spec(choices=("auto", "cosine", "constant")))
+    clip_grad: float | None = field(default=None, metadata=_spec(low=0.0, strict=True))
+
+
+@dataclass
+class KDConfig:
+    enabled: bool = True
+    # FP teacher checkpoint (path or MLflow URI); None: the stage-1 init for qat, the QAT run's teacher for cga
+    teacher: str | None = None
+
+
+@dataclass
+class CGAConfig:
+    boundary_range: float = field(default=0.005, metadata=_spec(low=0.0, high=0.4999))
+    # None: act on the QKR merged product too unless quant.faithful (the reference skips it)
+    include_merged: bool | None = None
+
+
+@dataclass
+class TrackingConfig:
+    uri: str | None = None
+    experiment: str = "ofq-ray"
+    run_name: str | None = None
+    # register the best checkpoint as this MLflow model (alias "champion"), e.g. to chain stages by name
+    register_as: str | None = None
+
+
+@dataclass
+class RunConfig:
+    """One training stage (pretrain, qat or cga) on ``workers`` Ray Train workers."""
+
+    stage: str = field(default="pretrain", metadata=_spec(choices=STAGES))
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    quant: QuantConfig = field(default_factory=QuantConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    kd: KDConfig = field(default_factory=KDConfig)
+    cga: CGAConfig = field(default_factory=CGAConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    epochs: int = field(default=10, metadata=_spec(low=1))
+    batch_size: int = field(default=128, metadata=_spec(low=1))  # global, split over workers
+    eval_batch_size: int = field(default=512, metadata=_spec(low=1))
+    workers: int = field(default=1, metadata=_spec(low=1))
+    cpus_per_worker: float = field(default=1.0, metadata=_spec(low=0.0, strict=True))
+    use_gpu: bool = False
+    precision: str = field(default="fp32", metadata=_spec(choices=("fp32", "bf16")))
+    compile: bool = False
+    seed: int = 0
+    init_from: str | None = None  # FP weights for qat; the QAT checkpoint for cga (path or MLflow URI)
+    runs_dir: str = "ofq-runs"
+    keep_checkpoints: int = field(default=2, metadata=_spec(low=1))
+    max_failures: int = field(default=2, metadata=_spec(low=0))
+    track_oscillation: bool = True
+
+    def __post_init__(self) -> None:
+        if self.batch_size % self.workers:
+            raise ConfigError(
+                f"batch_size: {self.batch_size} is not allowed with workers={self.workers}; "
+                "allowed: a multiple of workers (it is the global batch)"
+            )
+        if self.stage == "cga" and self.init_from is None:
+            raise ConfigError(
+                "init_from: None is not allowed for stage cga; allowed: a QAT checkpoint path or MLflow URI"
+            )
+        if self.stage == "qat" and self.kd.enabled and self.kd.teacher is None and self.init_from is None:
+            raise ConfigError(
+                "kd.teacher: None is not allowed when kd.enabled and init_from is None; "
+                "allowed: an FP checkpoint path or MLflow URI (or set kd.enabled=false)"
+            )
+        if self.stage == "cga" and self.quant.weight_quantizer != "statsq":
+            raise ConfigError("quant.weight_quantizer: CGA needs 'statsq'; allowed: statsq")
+
+    @property
+    def quantized(self) -> bool:
+        return self.stage != "pretrain"
+
+    @property
+    def schedule(self) -> str:
+        if self.optim.schedule != "auto":
+            return self.optim.schedule
+        return "constant" if self.stage == "cga" else "cosine"
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    def fingerprint(self, *, exclude: tuple[str, ...] = ("tracking", "runs_dir", "max_failures", "workers")) -> str:
+        """A stable hash of everything that changes what is trained (for caching shared stages)."""
+        values = {k: v for k, v in self.to_dict().items() if k not in exclude}
+        return hashlib.sha256(json.dumps(values, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+# --- parsing ---------------------------------------------------------------------------------------------
+
+
+def _describe(hint: Any, meta: dict[str, Any]) -> str:
+    if meta.get("choices"):
+        return ", ".join(meta["choices"])
+    base = [a for a in typing.get_args(hint) if a is not type(None)] or [hint]
+    kind = base[0]
+    parts = {int: "an integer", float: "a number", bool: "true, false", str: "a string"}.get(kind, str(kind))
+    low, high, strict = meta.get("low"), meta.get("high"), meta.get("strict")
+    if low is not None and high is not None:
+        parts += f" in [{low:g}, {high:g}]"
+    elif low is not None:
+        parts += f" {'>' if strict else '>='} {low:g}"
+    if type(None) in typing.get_args(hint):
+        parts += " or null"
+    return parts
+
+
+def _coerce(value: Any, hint: Any, meta: dict[str, Any], key: str) -> Any:
+    optional = type(None) in typing.get_args(hint)
+    base = [a for a in typing.get_args(hint) if a is not type(None)] or [hint]
+    kind = base[0]
+
+    def bad() -> ConfigError:
+        return ConfigError(f"{key}: {value!r} is not allowed; allowed: {_describe(hint, meta)}")
+
+    if value is None or (optional and isinstance(value, str) and value.lower() in ("none", "null")):
+        if optional:
+            return None
+        raise bad()
+    if kind is bool:
+        if isinstance(value, str) and value.lower() in ("true", "false"):
+            return value.lower() == "true"
+        if not isinstance(value, bool):
+            raise bad()
+        return value
+    if kind is int:
+        if isinstance(value, str):
+            try:
+                value = int(value)
+            except ValueError:
+                raise bad() from None
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise bad()
+    elif kind is float:
+        if isinstance(value, str):  # YAML reads "1e-4" as a string
+            try:
+                value = float(value)
+            except ValueError:
+                raise bad() from None
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise bad()
+        value = float(value)
+    elif kind is str:
+        if not isinstance(value, str):
+            raise bad()
+        choices = meta.get("choices")
+        if choices and value not in choices:
+            raise ConfigError(
+                f"{key}: {value!r} is not allowed; allowed: {', '.join(choices)}{_did_you_mean(value, choices)}"
+            )
+    low, high, strict = meta.get("low"), meta.get("high"), meta.get("strict")
+    if isinstance(value, int | float) and (
+        (low is not None and (value <= low if strict else value < low)) or (high is not None and value > high)
+    ):
+        raise bad()
+    return value
+
+
+def _build(cls: type, data: Any, prefix: str) -> Any:
+    if cls is QuantConfig:
+        try:
+            return QuantConfig.from_dict(data if isinstance(data, dict) else {})
+        except ValueError as error:
+            raise ConfigError(str(error)) from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: {data!r} is not allowed; allowed: a mapping")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    for key in data:
+        if key not in names:
+            raise ConfigError(
+                f"{prefix}{key}: unknown key; allowed: {', '.join(names)}{_did_you_mean(str(key), names)}"
+            )
+    values = {}
+    for item in dataclasses.fields(cls):
+        if item.name not in data:
+            continue
+        hint = hints[item.name]
+        if dataclasses.is_dataclass(hint):
+            values[item.name] = _build(typing.cast(type, hint), data[item.name], f"{prefix}{item.name}.")
+        else:
+            values[item.name] = _coerce(data[item.name], hint, dict(item.metadata), f"{prefix}{item.name}")
+    try:
+        return cls(**values)
+    except ConfigError:
+        raise
+    except ValueError as error:  # QuantConfig and friends already speak in one-line field errors
+        raise ConfigError(str(error)) from None
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``"optim.lr=1e-4"`` -> (["optim", "lr"], 1e-4); the value is read as YAML."""
+    if "=" not in text:
+        raise ConfigError(f"--set: {text!r} is not allowed; allowed: KEY=VALUE, e.g. optim.lr=1e-4")
+    key, _, raw = text.partition("=")
+    return key.strip().split("."), yaml.safe_load(raw) if raw.strip() else None
+
+
+def apply_override(data: dict[str, Any], path: list[str], value: Any) -> None:
+    """Sets a dotted key in a nested dict. ``quant.bits: "W/A"`` is shorthand for both widths."""
+    if path == ["quant", "bits"]:
+        weight, act = parse_bits(value)
+        apply_override(data, ["quant", "weight_bits"], weight)
+        apply_override(data, ["quant", "act_bits"], act)
+        return
+    node = data
+    for part in path[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"{'.'.join(path)}: {part} is not a section")
+        node = child
+    node[path[-1]] = value
+
+
+def parse_bits(value: Any) -> tuple[int | None, int | None]:
+    """``"2/2"`` -> (2, 2); ``"fp"`` -> (None, None)."""
+    text = str(value).strip().lower()
+    if text in ("fp", "float", "32/32"):
+        return None, None
+    parts = text.split("/")
+    try:
+        weight, act = (int(parts[0]), int(parts[1])) if len(parts) == 2 else (int(text), int(text))
+    except ValueError:
+        raise ConfigError(
+            f"quant.bits: {value!r} is not allowed; allowed: 'W/A' such as '2/2' or '4/4', or 'fp'"
+        ) from None
+    return weight, act
+
+
+def load_config(
+    path: str | None = None, overrides: list[str] | tuple[str, ...] = (), base: dict | None = None
+) -> RunConfig:
+    """Reads a YAML run config (or ``base``), applies ``KEY=VALUE`` overrides, validates everything."""
+    data: dict[str, Any] = dict(base or {})
+    if path is not None:
+        if not os.path.isfile(path):
+            raise ConfigError(f"config: {path} does not exist")
+        with open(path) as handle:
+            try:
+                loaded = yaml.safe_load(handle) or {}
+            except yaml.YAMLError as error:
+                mark = getattr(error, "problem_mark", None)
+                where = f" line {mark.line + 1}" if mark else ""
+                raise ConfigError(f"config: {path}{where} is not valid YAML") from None
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config: {path} must hold a mapping at the top level")
+        data = _merge(data, loaded)
+    for text in overrides:
+        apply_override(data, *parse_override(text))
+    return config_from_dict(data)
+
+
+def config_from_dict(data: dict[str, Any]) -> RunConfig:
+    config: RunConfig = _build(RunConfig, data, "")
+    return config
+
+
+def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged

@@ -1,0 +1,535 @@
+"""Ray Train: one OFQ training stage on N workers, checkpointed every epoch and tracked in one MLflow run.
+
+The driver (:func:`run_training`) validates everything, resolves ``init_from``/teacher sources (paths or
+MLflow URIs) into state dicts in the object store, creates the MLflow run, and launches a
+``TorchTrainer``. Each worker builds the model, trains with :mod:`ofq_ray.engine`, and rank 0 writes a
+checkpoint and syncs the per-epoch history to MLflow after every epoch. A worker that dies is restarted
+by Ray from the last checkpoint (``max_failures``); the history sync logs every epoch exactly once.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from .checkpoint import (
+    CheckpointError,
+    build_model,
+    checkpoint_config,
+    load_model_state,
+    read_checkpoint,
+    save_checkpoint,
+)
+from .config import ConfigError, RunConfig, config_from_dict
+from .data import DatasetInfo, build_datasets, build_loader
+from .engine import LRSchedule, build_optimizer, evaluate, train_one_epoch, unwrap
+from .models import _read_state_dict, get_spec, teacher_logits
+
+URI_SCHEMES = ("runs:/", "models:/", "mlflow-artifacts:/")
+
+
+# --- driver-side helpers ----------------------------------------------------------------------------------
+
+
+def ensure_ray(address: str | None = None) -> None:
+    """Connects to ``address`` (or ``RAY_ADDRESS``), or starts a local Ray; no-op if already connected."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address is None:
+        os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a private local cluster on 127.0.0.1
+    ray.init(address=address, log_to_driver=True, include_dashboard=address is None or None)
+
+
+def check_resources(config: RunConfig, concurrent: int = 1, driver_cpus: float = 0.0) -> None:
+    """Fails with one line when ``concurrent`` trainings of ``config`` cannot fit the Ray cluster."""
+    import ray
+
+    total = ray.cluster_resources()
+    cpus, gpus = total.get("CPU", 0.0), total.get("GPU", 0.0)
+    need_cpu = concurrent * (driver_cpus + config.workers * config.cpus_per_worker)
+    if need_cpu > cpus + 1e-9:
+        raise ConfigError(
+            f"resources: {concurrent} x ({driver_cpus:g} driver + {config.workers} workers x "
+            f"{config.cpus_per_worker:g} CPU) = {need_cpu:g} CPUs, but the cluster has {cpus:g}; "
+            "lower workers, cpus_per_worker or max_concurrent_trials"
+        )
+    need_gpu = concurrent * config.workers * (1 if config.use_gpu else 0)
+    if need_gpu > gpus + 1e-9:
+        raise ConfigError(f"resources: {need_gpu} GPUs needed (workers x trials), but the cluster has {gpus:g}")
+
+
+def pin_source(source: str, tracking_uri: str) -> str:
+    """``models:/name@alias`` -> ``models:/name/<version>``, so a later stage reads the same weights."""
+    if source.startswith("models:/") and "@" in source:
+        from .tracking import resolve_alias
+
+        name, _, alias = source[len("models:/") :].partition("@")
+        alias, _, rest = alias.partition("/")
+        try:
+            version = resolve_alias(tracking_uri, name, alias)["version"]
+        except ValueError as error:
+            raise ConfigError(f"{source}: {error}") from None
+        return f"models:/{name}/{version}" + (f"/{rest}" if rest else "")
+    return source
+
+
+def resolve_source(source: str, tracking_uri: str, field_name: str) -> str:
+    """A local path for a checkpoint/weights source given as a path or an MLflow URI."""
+    if source.startswith(URI_SCHEMES):
+        from .tracking import download_artifacts
+
+        try:
+            return download_artifacts(source, tracking_uri=tracking_uri)
+        except ValueError as error:
+            raise ConfigError(f"{field_name}: {error}") from None
+    if not os.path.exists(source):
+        raise ConfigError(f"{field_name}: {source} does not exist; allowed: a checkpoint path or an MLflow URI")
+    return source
+
+
+def _float_weights(path: str, field_name: str) -> dict[str, torch.Tensor]:
+    """FP weights from an ofq-ray pretrain checkpoint or a plain weights file."""
+    try:
+        state = read_checkpoint(path)
+    except CheckpointError:
+        try:
+            return _read_state_dict(path if os.path.isfile(path) else os.path.join(path, "state.pt"))
+        except ValueError:
+            raise ConfigError(f"{field_name}: {path} holds neither an ofq-ray checkpoint nor FP weights") from None
+    if state["stage"] != "pretrain":
+        raise ConfigError(f"{field_name}: {path} is a {state['stage']} checkpoint; allowed: a float (pretrain) one")
+    weights: dict[str, torch.Tensor] = state["model_state"]
+    return weights
+
+
+@dataclass
+class Sources:
+    """What the workers receive besides the config (object-store references, so any node can read them)."""
+
+    init_weights: Any = None  # FP state dict (qat) or quantized state dict (cga)
+    init_optimizer: Any = None  # the QAT optimizer state (cga resumes it, as the reference)
+    teacher_weights: Any = None
+    teacher_source: str | None = None
+
+
+def prepare_sources(config: RunConfig, tracking_uri: str) -> tuple[dict[str, Any], str | None]:
+    """Reads init/teacher sources in the driver; returns plain dicts (to ray.put) and the teacher source."""
+    out: dict[str, Any] = {}
+    teacher_source = config.kd.teacher
+    if config.init_from is not None:
+        path = resolve_source(config.init_from, tracking_uri, "init_from")
+        if config.stage == "cga":
+            state = read_checkpoint(path)
+            previous = checkpoint_config(state)
+            if state["stage"] not in ("qat", "cga"):
+                raise ConfigError(f"init_from: {config.init_from} is a {state['stage']} checkpoint; allowed: qat, cga")
+            if previous.quant != config.quant or previous.model.name != config.model.name:
+                raise ConfigError(
+                    f"init_from: {config.init_from} was trained as {previous.model.name} with {previous.quant}; "
+                    f"this config asks for {config.model.name} with {config.quant}"
+                )
+            out["init_weights"] = state["model_state"]
+            out["init_optimizer"] = state.get("optimizer_state")
+            teacher_source = teacher_source or state.get("teacher_source")
+        else:
+            out["init_weights"] = _float_weights(path, "init_from")
+            teacher_source = teacher_source or pin_source(config.init_from, tracking_uri)
+    if config.stage != "pretrain" and config.kd.enabled:
+        if teacher_source is None:
+            raise ConfigError("kd.teacher: no teacher found; allowed: an FP checkpoint path or MLflow URI")
+        out["teacher_weights"] = _float_weights(
+            resolve_source(teacher_source, tracking_uri, "kd.teacher"), "kd.teacher"
+        )
+    return out, teacher_source
+
+
+@dataclass
+class TrainingResult:
+    run_id: str
+    tracking_uri: str
+    stage: str
+    best: dict[str, float]
+    last: dict[str, float]
+    history: list[dict[str, float]]
+    best_checkpoint: str | None
+    last_checkpoint: str | None
+    wall_s: float
+    artifact_uri: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def dataset_info(config: RunConfig) -> DatasetInfo:
+    """Validates the dataset (one-line error if missing) and returns its shape facts."""
+    spec = get_spec(config.model.name)
+    try:
+        _, _, info = build_datasets(
+            config.data.name,
+            config.data.root,
+            config.data.img_size or spec.img_size,
+            train_subset=config.data.train_subset,
+            val_subset=config.data.val_subset,
+            seed=config.seed,
+        )
+    except ValueError as error:  # DatasetMissingError included
+        raise ConfigError(str(error)) from None
+    if info.in_chans != spec.in_chans and config.model.pretrained:
+        raise ConfigError(
+            f"data.name: {info.name} has {info.in_chans} channels; {spec.name} was pretrained on {spec.in_chans}"
+        )
+    return info
+
+
+def run_training(
+    config: RunConfig,
+    *,
+    run_id: str | None = None,
+    parent_run_id: str | None = None,
+    run_name: str | None = None,
+    tags: dict[str, str] | None = None,
+    ray_callbacks: list[Any] | None = None,
+    ray_run_name: str | None = None,
+    test_hooks: dict[str, Any] | None = None,
+) -> TrainingResult:
+    """Runs one stage end to end; returns where its checkpoints and metrics are.
+
+    Everything that can be checked is checked before an MLflow run is created, so bad input leaves
+    nothing behind. ``run_id`` reuses an existing MLflow run (a restarted sweep trial).
+    """
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    from .tracking import RunTracker, ensure_experiment, flatten, resolve_tracking_uri
+
+    started = time.time()
+    runs_dir = os.path.abspath(config.runs_dir)
+    tracking_uri = resolve_tracking_uri(config.tracking.uri, runs_dir)
+    info = dataset_info(config)
+    sources, teacher_source = prepare_sources(config, tracking_uri)
+    ensure_ray()
+    check_resources(config)
+
+    if run_id is None:
+        ensure_experiment(tracking_uri, config.tracking.experiment, runs_dir)
+        tracker = RunTracker.create(
+            tracking_uri,
+            config.tracking.experiment,
+            runs_dir,
+            run_name=run_name or config.tracking.run_name or f"{config.stage}-{config.model.name}",
+            params=flatten(config.to_dict()),
+            tags={"ofq.stage": config.stage, "ofq.fingerprint": config.fingerprint(), **(tags or {})},
+            parent_run_id=parent_run_id,
+            config_yaml=config.to_yaml(),
+        )
+    else:
+        tracker = RunTracker(tracking_uri, run_id)
+
+    loop_config = {
+        "config": config.to_dict(),
+        "data_info": info.__dict__,
+        "tracking_uri": tracking_uri,
+        "run_id": tracker.run_id,
+        "teacher_source": teacher_source,
+        "sources": {k: ray.put(v) for k, v in sources.items() if v is not None},
+        "test_hooks": test_hooks or {},
+    }
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=loop_config,
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=config.workers,
+            use_gpu=config.use_gpu,
+            resources_per_worker={"GPU" if config.use_gpu else "CPU": 1 if config.use_gpu else config.cpus_per_worker}
+            | ({"CPU": config.cpus_per_worker} if config.use_gpu else {}),
+        ),
+        run_config=ray.train.RunConfig(
+            name=ray_run_name or f"{config.stage}-{tracker.run_id}",
+            storage_path=os.path.join(runs_dir, "ray"),
+            failure_config=ray.train.FailureConfig(max_failures=config.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(
+                num_to_keep=config.keep_checkpoints,
+                checkpoint_score_attribute="val/top1",
+                checkpoint_score_order="max",
+            ),
+            callbacks=ray_callbacks,
+            logging_config=ray.train.LoggingConfig(log_level="WARNING"),  # type: ignore[call-arg]
+        ),
+    )
+    try:
+        result = trainer.fit()
+    except BaseException:
+        tracker.finish("FAILED")
+        raise
+    last_state = read_checkpoint(result.checkpoint.path) if result.checkpoint else None
+    history: list[dict[str, float]] = last_state["history"] if last_state else []
+    best_path = _best_checkpoint(result)
+    last_path = result.checkpoint.path if result.checkpoint else None
+    if best_path:
+        tracker.log_artifact(best_path, "checkpoints/best")
+    if last_path and last_path != best_path:
+        tracker.log_artifact(last_path, "checkpoints/last")
+    best = max(history, key=lambda row: row.get("val/top1", float("-inf"))) if history else {}
+    tracker.set_tags({"ofq.best_val_top1": f"{best.get('val/top1', float('nan')):.4f}"})
+    tracker.finish("FINISHED")
+    extra: dict[str, Any] = {}
+    if config.tracking.register_as and best_path:
+        from .tracking import register_checkpoint
+
+        version = register_checkpoint(tracking_uri, tracker.run_id, "checkpoints/best", config.tracking.register_as)
+        extra["registered"] = f"models:/{config.tracking.register_as}@champion (version {version})"
+    return TrainingResult(
+        run_id=tracker.run_id,
+        tracking_uri=tracking_uri,
+        stage=config.stage,
+        best=best,
+        last=history[-1] if history else {},
+        history=history,
+        best_checkpoint=best_path,
+        last_checkpoint=last_path,
+        wall_s=time.time() - started,
+        artifact_uri=tracker.artifact_uri,
+        extra=extra,
+    )
+
+
+def _best_checkpoint(result: Any) -> str | None:
+    ranked = [(metrics.get("val/top1", float("-inf")), ckpt.path) for ckpt, metrics in (result.best_checkpoints or [])]
+    if ranked:
+        return max(ranked)[1]
+    return result.checkpoint.path if result.checkpoint else None
+
+
+# --- worker side ------------------------------------------------------------------------------------------
+
+
+def _kill_hook(spec: dict[str, Any] | None, rank: int) -> Any:
+    """Test-only: ``os._exit`` once at (epoch, step) on one rank, as a crashing worker would."""
+    if not spec or spec.get("rank", 0) != rank:
+        return None
+
+    def hook(epoch: int, step: int) -> None:
+        if epoch == spec["epoch"] and step == spec["step"] and not os.path.exists(spec["marker"]):
+            with open(spec["marker"], "w") as handle:
+                handle.write(f"killed rank {rank} at epoch {epoch} step {step}\n")
+            os._exit(1)
+
+    return hook
+
+
+def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
+    """The per-worker loop Ray Train runs (also usable in-process with ``num_workers=0``)."""
+    import ray
+    import ray.train
+    import ray.train.torch
+
+    from .quant import init_activation_scales, quantize_model, set_data_parallel_replicas
+    from .quant.cga import CGA
+    from .quant.oscillation import OscillationTracker
+    from .tracking import RunTracker
+
+    config = config_from_dict(loop_config["config"])
+    info = DatasetInfo(**loop_config["data_info"])
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    torch.set_num_threads(max(1, int(config.cpus_per_worker)))
+    device = ray.train.torch.get_device()
+    sources = {k: ray.get(v) for k, v in loop_config["sources"].items()}
+
+    train_set, val_set, _ = build_datasets(
+        config.data.name,
+        config.data.root,
+        info.img_size,
+        train_subset=config.data.train_subset,
+        val_subset=config.data.val_subset,
+        seed=config.seed,
+    )
+    common = dict(rank=rank, world_size=world, seed=config.seed)
+    train_loader = build_loader(
+        train_set,
+        info,
+        batch_size=config.batch_size // world,
+        train=True,
+        augment=config.data.augment,
+        num_workers=config.data.num_workers,
+        **common,
+    )
+    val_loader = build_loader(
+        val_set,
+        info,
+        batch_size=max(1, config.eval_batch_size // world),
+        train=False,
+        num_workers=config.data.num_workers,
+        **common,
+    )
+
+    torch.manual_seed(config.seed)  # identical initial weights on every rank
+    model = build_model(config, info.num_classes, info.in_chans, info.img_size, quantized=False)
+    if config.stage == "qat" and "init_weights" in sources:
+        load_model_state(model, sources["init_weights"], config.init_from or "init_from")
+    if config.quantized:
+        quantize_model(model, config.quant)
+    if config.stage == "cga":
+        load_model_state(model, sources["init_weights"], config.init_from or "init_from")
+    elif config.stage == "qat":
+        init_activation_scales(model, _init_batch(config, train_set, info, train_loader))
+    if config.quantized and not config.quant.faithful:
+        set_data_parallel_replicas(model, world)
+    distilled = getattr(model, "set_distilled_training", None)
+    if distilled is not None:
+        distilled(True)  # two-head students return (class, distillation) logits while training
+    model.to(device)
+
+    teacher_fn = None
+    if "teacher_weights" in sources:
+        teacher = build_model(config, info.num_classes, info.in_chans, info.img_size, quantized=False)
+        load_model_state(teacher, sources["teacher_weights"], "kd.teacher")
+        teacher.to(device).eval().requires_grad_(False)
+        teacher_fn = lambda images: teacher_logits(teacher, images)
+
+    optimizer = build_optimizer(model, config.optim.lr, config.optim.weight_decay)
+    if config.stage == "cga" and sources.get("init_optimizer") is not None:
+        optimizer.load_state_dict(sources["init_optimizer"])  # CGA continues the QAT optimizer, as the reference
+    schedule = LRSchedule(
+        lr=config.optim.lr,
+        min_lr=config.optim.min_lr,
+        epochs=config.epochs,
+        warmup_epochs=config.optim.warmup_epochs,
+        warmup_lr=config.optim.warmup_lr,
+        cooldown_epochs=config.optim.cooldown_epochs,
+        kind=config.schedule,
+    )
+    cga = (
+        CGA(model, config.cga.boundary_range, include_merged=config.cga.include_merged)
+        if config.stage == "cga"
+        else None
+    )
+    tracker = OscillationTracker(model) if config.quantized and config.track_oscillation else None
+
+    start_epoch, history = 0, []
+    resume = ray.train.get_checkpoint()
+    if resume is not None:
+        state = read_checkpoint(resume.path)
+        load_model_state(model, state["model_state"], resume.path)
+        optimizer.load_state_dict(state["optimizer_state"])
+        if tracker is not None and state.get("tracker_state"):
+            tracker.load_state_dict(state["tracker_state"])
+        start_epoch, history = state["epoch"], state["history"]
+        torch.set_rng_state(state["rng_state"])
+
+    if world > 1 or device.type != "cpu":
+        model = ray.train.torch.prepare_model(model)
+    if config.compile:
+        model = torch.compile(model)  # type: ignore[assignment]
+    mixup = _mixup(config, info)
+    autocast = torch.bfloat16 if config.precision == "bf16" else None
+    kill = _kill_hook(loop_config["test_hooks"].get("kill_at"), rank)
+    run = RunTracker(loop_config["tracking_uri"], loop_config["run_id"]) if rank == 0 else None
+    if run is not None and history:
+        run.sync_history(history)  # epochs checkpointed before a crash but not yet logged
+
+    for epoch in range(start_epoch, config.epochs):
+        train_loader.set_epoch(epoch)
+        metrics = train_one_epoch(
+            model,
+            train_loader,
+            optimizer,
+            schedule,
+            epoch,
+            device=device,
+            teacher=teacher_fn,
+            cga=cga,
+            tracker=tracker,
+            autocast_dtype=autocast,
+            clip_grad=config.optim.clip_grad,
+            mixup=mixup,
+            label_smoothing=config.data.label_smoothing,
+            step_hook=kill,
+        )
+        metrics.update(evaluate(model, val_loader, device=device, autocast_dtype=autocast))
+        if tracker is not None:
+            metrics.update(tracker.metrics())
+            tracker.summary(reset_window=True)
+        if cga is not None:
+            metrics["cga/frozen_frac"] = cga.frozen_fraction()
+        metrics["epoch"] = float(epoch)
+        history.append(metrics)
+        with tempfile.TemporaryDirectory() as tmp:
+            checkpoint = None
+            if rank == 0:
+                save_checkpoint(
+                    tmp,
+                    {
+                        "stage": config.stage,
+                        "config": config.to_dict(),
+                        "data_info": info.__dict__,
+                        "epoch": epoch + 1,
+                        "model_state": unwrap(model).state_dict(),
+                        "optimizer_state": optimizer.state_dict(),
+                        "tracker_state": tracker.state_dict() if tracker is not None else {},
+                        "history": history,
+                        "rng_state": torch.get_rng_state(),
+                        "teacher_source": loop_config.get("teacher_source"),
+                        "mlflow_run_id": loop_config["run_id"],
+                    },
+                )
+                checkpoint = ray.train.Checkpoint.from_directory(tmp)
+            ray.train.report(metrics, checkpoint=checkpoint)
+        if run is not None:
+            run.sync_history(history)
+            # print() is patched by Ray Train to also log, which shows every line twice
+            sys.stdout.write(_progress_line(config, epoch, metrics) + "\n")
+            sys.stdout.flush()
+
+
+def _init_batch(config: RunConfig, train_set: Any, info: DatasetInfo, local_loader: Any) -> torch.Tensor:
+    """The batch that initializes LSQ steps: the first global batch, identical on every rank (so N
+    workers start like one); ``faithful`` uses the local batch, as the reference (rank 0's wins)."""
+    loader = local_loader
+    if not config.quant.faithful:
+        loader = build_loader(
+            train_set,
+            info,
+            batch_size=min(config.batch_size, 1024),
+            train=True,
+            augment=config.data.augment,
+            rank=0,
+            world_size=1,
+            seed=config.seed,
+        )
+    loader.set_epoch(0)
+    images, _ = next(iter(loader))
+    return images
+
+
+def _progress_line(config: RunConfig, epoch: int, metrics: dict[str, float]) -> str:
+    line = (
+        f"[{config.stage}] epoch {epoch + 1}/{config.epochs}  loss {metrics['train/loss']:.4f}  "
+        f"top1 {metrics['val/top1']:.2f}  top5 {metrics['val/top5']:.2f}  lr {metrics['lr']:.2e}  "
+        f"{metrics['throughput/img_s']:,.0f} img/s"
+    )
+    if "osc/mean_freq" in metrics:
+        line += f"  osc {metrics['osc/mean_freq']:.2e}"
+    if "cga/frozen_frac" in metrics:
+        line += f"  frozen {100 * metrics['cga/frozen_frac']:.1f}%"
+    return line
+
+
+def _mixup(config: RunConfig, info: DatasetInfo) -> Any:
+    if config.data.mixup <= 0 and config.data.cutmix <= 0:
+        return None
+    from timm.data import Mixup
+
+    return Mixup(
+        mixup_alpha=config.data.mixup,
+        cutmix_alpha=config.data.cutmix,
+        label_smoothing=config.data.label_smoothing,
+        num_classes=info.num_classes,
+    )

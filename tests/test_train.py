@@ -1,0 +1,213 @@
+"""Ray Train + MLflow integration: a real Ray session, a real sqlite MLflow store, real digits data."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import yaml
+from mlflow.tracking import MlflowClient
+
+from ofq_ray.checkpoint import CheckpointError, model_from_checkpoint, read_checkpoint
+from ofq_ray.config import load_config
+from ofq_ray.tracking import RunTracker
+from ofq_ray.train import TrainingResult, run_training
+
+pytestmark = pytest.mark.integration
+
+BASE = {
+    "model": {"name": "vit_digits"},
+    "data": {"name": "digits", "augment": False},
+    "batch_size": 64,
+    "eval_batch_size": 300,
+    "cpus_per_worker": 1,
+    "tracking": {"experiment": "train-tests"},
+}
+
+
+def config(runs_dir: Path, **overrides: Any) -> Any:
+    data = {**BASE, "runs_dir": str(runs_dir)}
+    for key, value in overrides.items():
+        node = data
+        parts = key.split("__")
+        for part in parts[:-1]:
+            node[part] = dict(node.get(part, {}))
+            node = node[part]
+        node[parts[-1]] = value
+    return load_config(None, base=data)
+
+
+def metric_steps(result: TrainingResult, key: str) -> list[int]:
+    client = MlflowClient(result.tracking_uri)
+    return sorted(m.step for m in client.get_metric_history(result.run_id, key))
+
+
+@pytest.fixture(scope="module")
+def runs_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("runs")
+
+
+@pytest.fixture(scope="module")
+def pretrained(ray_session: None, runs_dir: Path) -> TrainingResult:
+    cfg = config(runs_dir, stage="pretrain", epochs=12, workers=2, optim__lr=3e-3, optim__warmup_epochs=1)
+    return run_training(cfg)
+
+
+def test_pretrain_learns_and_logs_one_run_with_contiguous_epochs(pretrained: TrainingResult) -> None:
+    assert pretrained.best["val/top1"] > 70.0  # 10 classes: chance is 10 %
+    assert metric_steps(pretrained, "val/top1") == list(range(12))
+    assert metric_steps(pretrained, "train/loss") == list(range(12))
+    runs = MlflowClient(pretrained.tracking_uri).search_runs(
+        [MlflowClient(pretrained.tracking_uri).get_run(pretrained.run_id).info.experiment_id]
+    )
+    assert [r.info.run_id for r in runs if r.data.tags.get("ofq.stage") == "pretrain"] == [pretrained.run_id]
+    info = RunTracker(pretrained.tracking_uri, pretrained.run_id).info()
+    assert info["status"] == "FINISHED"
+    assert info["params"]["model.name"] == "vit_digits"
+
+
+def test_checkpoints_load_with_weights_only_and_rebuild_the_model(pretrained: TrainingResult) -> None:
+    assert pretrained.best_checkpoint is not None
+    state = torch.load(os.path.join(pretrained.best_checkpoint, "state.pt"), weights_only=True)
+    assert state["stage"] == "pretrain" and state["epoch"] >= 1
+    model, _ = model_from_checkpoint(pretrained.best_checkpoint)
+    assert not any("quantizer" in name for name in model.state_dict())
+    client = MlflowClient(pretrained.tracking_uri)
+    artifacts = [a.path for a in client.list_artifacts(pretrained.run_id, "checkpoints")]
+    assert "checkpoints/best" in artifacts
+
+
+def test_qat_with_kd_then_cga_chain(pretrained: TrainingResult, runs_dir: Path) -> None:
+    qat = run_training(
+        config(
+            runs_dir,
+            stage="qat",
+            epochs=3,
+            workers=2,
+            init_from=f"runs:/{pretrained.run_id}/checkpoints/best",
+            quant={"weight_bits": 4, "act_bits": 4},
+            optim__lr=5e-4,
+        )
+    )
+    assert qat.best["val/top1"] > pretrained.best["val/top1"] - 15.0
+    assert metric_steps(qat, "osc/mean_freq") == [0, 1, 2]
+    cga = run_training(
+        config(
+            runs_dir,
+            stage="cga",
+            epochs=2,
+            workers=2,
+            init_from=f"runs:/{qat.run_id}/checkpoints/best",
+            quant={"weight_bits": 4, "act_bits": 4},
+            optim__lr=1e-5,
+            cga__boundary_range=0.005,
+        )
+    )
+    assert cga.best["val/top1"] > 50.0
+    assert metric_steps(cga, "cga/frozen_frac") == [0, 1]
+    assert cga.last["cga/frozen_frac"] > 0.9  # BR 0.005 freezes almost everything
+    state = read_checkpoint(cga.last_checkpoint)  # type: ignore[arg-type]
+    assert state["stage"] == "cga"
+    assert state["teacher_source"].startswith("runs:/")  # the QAT stage's teacher carried over
+    model, _ = model_from_checkpoint(cga.last_checkpoint)  # type: ignore[arg-type]
+    assert any("merged_quantizer" in name or "qkx_quantizer" in name for name in model.state_dict())
+
+
+def test_a_killed_worker_resumes_from_the_last_checkpoint(
+    pretrained: TrainingResult, runs_dir: Path, tmp_path: Path
+) -> None:
+    marker = tmp_path / "killed"
+    cfg = config(runs_dir, stage="pretrain", epochs=3, workers=2, max_failures=1, tracking__experiment="fault")
+    result = run_training(cfg, test_hooks={"kill_at": {"epoch": 1, "step": 3, "rank": 1, "marker": str(marker)}})
+    assert marker.exists()  # the worker really died mid-epoch 1
+    assert metric_steps(result, "val/top1") == [0, 1, 2]  # epoch 0 not repeated, none missing
+    assert metric_steps(result, "epoch") == [0, 1, 2]
+    client = MlflowClient(result.tracking_uri)
+    experiment = client.get_experiment_by_name("fault")
+    assert len(client.search_runs([experiment.experiment_id])) == 1
+
+
+def test_two_workers_match_one_worker_with_the_same_global_batch(pretrained: TrainingResult, runs_dir: Path) -> None:
+    # 4 AdamW steps at lr 5e-4 on the same 64-image global batches (no augmentation): 2 workers x 32
+    # must train like 1 worker x 64, LSQ step sizes included (their gradient scale counts the global batch).
+    states, metrics = {}, {}
+    for workers in (1, 2):
+        result = run_training(
+            config(
+                runs_dir,
+                stage="qat",
+                epochs=1,
+                workers=workers,
+                init_from=f"runs:/{pretrained.run_id}/checkpoints/best",
+                quant={"weight_bits": 4, "act_bits": 4},
+                data__train_subset=256,
+                tracking__experiment=f"ddp-{workers}",
+            )
+        )
+        states[workers] = read_checkpoint(result.last_checkpoint)["model_state"]  # type: ignore[arg-type]
+        metrics[workers] = result.last
+    assert metrics[2]["val/loss"] == pytest.approx(metrics[1]["val/loss"], rel=1e-3)
+    assert metrics[2]["train/loss"] == pytest.approx(metrics[1]["train/loss"], rel=5e-3)
+    for name, one in states[1].items():
+        two = states[2][name]
+        if name.endswith(".step"):  # LSQ steps: relative agreement
+            assert (two - one).norm() <= 1e-2 * one.norm(), name
+        else:  # AdamW moves an element by <= lr per step; allow about two steps of disagreement
+            assert torch.allclose(one, two, atol=1e-3), name
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["model.name=vit_tiny_imaginary"], "model.name: unknown model 'vit_tiny_imaginary'"),
+        (["quant.weight_bits=9"], "quant.weight_bits: 9 is not allowed"),
+        (["data.name=fashion_mnist", "data.root=/nonexistent/fmnist"], "data.root:"),
+        (["stage=cga", "init_from=/nonexistent", "cga.boundary_range=-0.1"], "cga.boundary_range: -0.1 is not allowed"),
+        (["optimm.lr=1e-3"], "optimm: unknown key"),
+    ],
+)
+def test_bad_input_is_one_line_exit_2_and_creates_nothing(tmp_path: Path, overrides: list[str], message: str) -> None:
+    path = tmp_path / "config.yaml"
+    path.write_text(
+        yaml.safe_dump({**BASE, "stage": "qat", "kd": {"enabled": False}, "runs_dir": str(tmp_path / "runs")})
+    )
+    args = [sys.executable, "-m", "ofq_ray.cli", "train", str(path)] + [f"--set={o}" for o in overrides]
+    done = subprocess.run(args, capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert done.returncode == 2, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("ofq-ray: error: ") and message in lines[0], done.stderr
+    assert not (tmp_path / "runs" / "mlflow.db").exists()
+    assert not (tmp_path / "mlflow.db").exists()
+
+
+def test_corrupt_and_foreign_checkpoints_are_clear_errors(tmp_path: Path) -> None:
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "state.pt").write_bytes(b"not a torch file")
+    with pytest.raises(CheckpointError, match=r"^checkpoint: .* is not readable"):
+        read_checkpoint(str(broken))
+    foreign = tmp_path / "foreign.pt"
+    torch.save({"weights": torch.zeros(2)}, foreign)
+    with pytest.raises(CheckpointError, match="is not an ofq-ray checkpoint"):
+        read_checkpoint(str(foreign))
+
+
+def test_eval_cli_reproduces_the_logged_accuracy(pretrained: TrainingResult, runs_dir: Path, tmp_path: Path) -> None:
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump({**BASE, "runs_dir": str(runs_dir)}))
+    uri = f"runs:/{pretrained.run_id}/checkpoints/best"
+    done = subprocess.run(
+        [sys.executable, "-m", "ofq_ray.cli", "eval", str(path), "--checkpoint", uri],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path,
+    )
+    assert done.returncode == 0, done.stderr
+    reported = yaml.safe_load(done.stdout)
+    assert reported["val/top1"] == pytest.approx(pretrained.best["val/top1"], abs=1e-6)
