@@ -29,9 +29,9 @@ from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from ofq_ray.engine import build_optimizer, soft_cross_entropy  # noqa: E402
-from ofq_ray.models import create_model, get_spec, teacher_logits  # noqa: E402
-from ofq_ray.quant import QuantConfig, init_activation_scales, quantize_model  # noqa: E402
+from ofq_ray.engine import build_optimizer, soft_cross_entropy
+from ofq_ray.models import create_model, get_spec, teacher_logits
+from ofq_ray.quant import QuantConfig, init_activation_scales, quantize_model
 
 
 def _sync(device: torch.device) -> None:
@@ -209,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     gpu = args.device == "cuda"
     args.model = args.model or ("deit_small_distilled_patch16_224" if gpu else "vit_fmnist")
-    args.batch = args.batch or (128 if gpu else 128)
+    args.batch = args.batch or 128
     args.classes = args.classes or (1000 if gpu else 10)
     args.bf16 = gpu if args.bf16 is None else args.bf16
     if args.quick:
