@@ -23,7 +23,7 @@ $(DATASET):
 setup: $(INSTALLED) $(DATASET)
 
 sweep: setup
-	$(BIN)/pytest -q tests/test_convert.py
+	$(BIN)/ofq-ray tune search_spaces/cga.yaml
 
 test: setup
 	$(BIN)/pytest -q

@@ -90,3 +90,18 @@ def model_from_checkpoint(path: str) -> tuple[nn.Module, dict[str, Any]]:
     model = build_model(config, data["num_classes"], data["in_chans"], data["img_size"], quantized)
     load_model_state(model, state["model_state"], path)
     return model.eval(), state
+
+
+def load_model(source: str, *, tracking_uri: str | None = None, runs_dir: str = "ofq-runs") -> nn.Module:
+    """Loads a trained model (eval mode) from a checkpoint path or an MLflow URI.
+
+    Example:
+        >>> model = load_model("models:/fmnist-cga@champion", tracking_uri="sqlite:///ofq-runs/mlflow.db")
+    """
+    path = source
+    if source.startswith(("runs:/", "models:/", "mlflow-artifacts:/")):
+        from .tracking import download_artifacts, resolve_tracking_uri
+
+        path = download_artifacts(source, tracking_uri=resolve_tracking_uri(tracking_uri, os.path.abspath(runs_dir)))
+    model, _ = model_from_checkpoint(path)
+    return model

@@ -59,24 +59,21 @@ def _summary(result: Any) -> None:
 
 
 def cmd_pretrain(args: argparse.Namespace) -> int:
-    from .train import ensure_ray, run_training
+    from .train import run_training
 
-    config = _load(args, stage="pretrain")
-    ensure_ray(args.address)
-    _summary(run_training(config))
+    _summary(run_training(_load(args, stage="pretrain"), address=args.address))
     return 0
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from .train import ensure_ray, run_training
+    from .train import run_training
 
     config = _load(args)
     if config.stage == "pretrain":
         raise ConfigError(
             "stage: 'pretrain' is not allowed for `ofq-ray train`; allowed: qat, cga (or `ofq-ray pretrain`)"
         )
-    ensure_ray(args.address)
-    _summary(run_training(config))
+    _summary(run_training(config, address=args.address))
     return 0
 
 
@@ -109,6 +106,82 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_tune(args: argparse.Namespace) -> int:
+    from .tune import load_sweep, run_sweep
+
+    sweep = load_sweep(args.spec, args.overrides)
+    result = run_sweep(sweep, resume=args.resume, address=args.address)
+    stopped = sum(t["status"] == "stopped" for t in result.trials)
+    print(
+        f"sweep {result.name} done in {result.wall_s:.0f} s: {len(result.trials)} trials, {stopped} stopped early; "
+        f"MLflow parent run {result.parent_run_id} ({result.tracking_uri})"
+    )
+    return 0 if result.best is not None else 1
+
+
+def _tracking(args: argparse.Namespace) -> str:
+    from .tracking import resolve_tracking_uri
+
+    return resolve_tracking_uri(args.tracking_uri, os.path.abspath(args.runs_dir))
+
+
+def cmd_best(args: argparse.Namespace) -> int:
+    from .tune import best_trial
+
+    print(json.dumps(best_trial(args.sweep, _tracking(args), args.metric, args.mode), indent=2, default=str))
+    return 0
+
+
+def cmd_ui(args: argparse.Namespace) -> int:
+    uri = _tracking(args)
+    artifacts = "file://" + os.path.join(os.path.abspath(args.runs_dir), "mlartifacts")
+    command = [
+        sys.executable,
+        "-m",
+        "mlflow",
+        "server",
+        "--backend-store-uri",
+        uri,
+        "--default-artifact-root",
+        artifacts,
+        "--host",
+        args.host,
+        "--port",
+        str(args.port),
+    ]
+    print(f"MLflow UI on http://{args.host}:{args.port} (store {uri}); Ctrl-C stops it", flush=True)
+    os.execv(sys.executable, command)
+    return 0  # not reached
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    import torch
+
+    from .checkpoint import load_model
+    from .quant import export_quantized
+
+    model = load_model(args.checkpoint, tracking_uri=args.tracking_uri, runs_dir=args.runs_dir)
+    export = export_quantized(model)
+    if not export["layers"]:
+        raise UsageError(f"--checkpoint: {args.checkpoint} holds a float model; allowed: a qat or cga checkpoint")
+    torch.save(export, args.out)
+    size = export["size"]
+    print(
+        f"wrote {args.out}: {len(export['layers'])} quantized tensors, codes {size['code_bytes']:,} B + scales "
+        f"{size['scale_bytes']:,} B + float {size['float_bytes']:,} B = {size['total_bytes']:,} B"
+    )
+    return 0
+
+
+def _store_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--runs-dir", default="ofq-runs", help="the runs folder (default ./ofq-runs)")
+    parser.add_argument(
+        "--tracking-uri",
+        default=None,
+        help="MLflow tracking URI (default: MLFLOW_TRACKING_URI or the runs folder's sqlite store)",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="ofq-ray", description="OFQ quantization-aware training on Ray, tracked in MLflow"
@@ -127,6 +200,35 @@ def build_parser() -> argparse.ArgumentParser:
     )
     evaluate.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     evaluate.set_defaults(func=cmd_eval)
+    tune = commands.add_parser("tune", help="run a sweep (Ray Tune + Optuna + ASHA) from a search-space YAML")
+    tune.add_argument("spec", help="sweep spec YAML (see search_spaces/)")
+    tune.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a spec value, e.g. --set tune.num_samples=4 or --set base.epochs=2",
+    )
+    tune.add_argument("--resume", action="store_true", help="continue the last interrupted run of this sweep")
+    tune.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS or a local Ray)")
+    tune.set_defaults(func=cmd_tune)
+    best = commands.add_parser("best", help="the best trial of a sweep, its metrics and model URI")
+    best.add_argument("sweep", help="sweep name (its MLflow experiment)")
+    best.add_argument("--metric", default="val/top1")
+    best.add_argument("--mode", default="max", choices=("max", "min"))
+    _store_options(best)
+    best.set_defaults(func=cmd_best)
+    ui = commands.add_parser("ui", help="the MLflow UI over the project's store, on 127.0.0.1")
+    ui.add_argument("--host", default="127.0.0.1")
+    ui.add_argument("--port", type=int, default=5000)
+    _store_options(ui)
+    ui.set_defaults(func=cmd_ui)
+    export = commands.add_parser("export", help="packed integer codes + scales of a quantized checkpoint")
+    export.add_argument("--checkpoint", required=True, help="checkpoint path or MLflow URI (models:/name@champion)")
+    export.add_argument("--out", required=True, help="output file (torch.save; loads with weights_only=True)")
+    _store_options(export)
+    export.set_defaults(func=cmd_export)
     return parser
 
 

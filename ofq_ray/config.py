@@ -123,6 +123,18 @@ class RunConfig:
     track_oscillation: bool = True
 
     def __post_init__(self) -> None:
+        from .data import DATASETS
+        from .models import get_spec
+
+        try:
+            get_spec(self.model.name)
+        except ValueError as error:
+            raise ConfigError(str(error)) from None
+        if self.data.name not in DATASETS:
+            raise ConfigError(
+                f"data.name: {self.data.name!r} is not allowed; allowed: {', '.join(DATASETS)}"
+                f"{_did_you_mean(self.data.name, DATASETS)}"
+            )
         if self.batch_size % self.workers:
             raise ConfigError(
                 f"batch_size: {self.batch_size} is not allowed with workers={self.workers}; "

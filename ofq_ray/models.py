@@ -70,6 +70,18 @@ register(
     **_SMALL,
 )
 register(
+    "vit_fmnist_small",
+    "deit_tiny_patch16_224",
+    28,
+    1,
+    "sweeps on CPU: patch 7, width 64, depth 3",
+    patch_size=7,
+    embed_dim=64,
+    num_heads=2,
+    depth=3,
+    qkv_bias=True,
+)
+register(
     "vit_fmnist_micro",
     "deit_tiny_patch16_224",
     28,

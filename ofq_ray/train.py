@@ -9,6 +9,7 @@ by Ray from the last checkpoint (``max_failures``); the history sync logs every 
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 import tempfile
@@ -38,15 +39,21 @@ URI_SCHEMES = ("runs:/", "models:/", "mlflow-artifacts:/")
 
 
 def ensure_ray(address: str | None = None) -> None:
-    """Connects to ``address`` (or ``RAY_ADDRESS``), or starts a local Ray; no-op if already connected."""
+    """Connects to ``address`` (or ``RAY_ADDRESS``; ``auto`` finds a local `ray start` cluster), or starts
+    a private local Ray; no-op if already connected."""
     import ray
 
     if ray.is_initialized():
         return
-    address = address or os.environ.get("RAY_ADDRESS")
-    if address is None:
+    address = address or os.environ.get("RAY_ADDRESS") or "local"
+    if address == "local":
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a private local cluster on 127.0.0.1
-    ray.init(address=address, log_to_driver=True, include_dashboard=address is None or None)
+    ray.init(
+        address=address,
+        log_to_driver=True,
+        include_dashboard=True if address == "local" else None,
+        logging_level=logging.WARNING,  # keep stderr for our own one-line errors
+    )
 
 
 def check_resources(config: RunConfig, concurrent: int = 1, driver_cpus: float = 0.0) -> None:
@@ -198,11 +205,17 @@ def run_training(
     ray_callbacks: list[Any] | None = None,
     ray_run_name: str | None = None,
     test_hooks: dict[str, Any] | None = None,
+    epoch_offset: int = 0,
+    finish_run: bool = True,
+    artifact_prefix: str = "",
+    address: str | None = None,
 ) -> TrainingResult:
     """Runs one stage end to end; returns where its checkpoints and metrics are.
 
     Everything that can be checked is checked before an MLflow run is created, so bad input leaves
-    nothing behind. ``run_id`` reuses an existing MLflow run (a restarted sweep trial).
+    nothing behind. ``run_id`` reuses an existing MLflow run (a restarted sweep trial, or the next
+    stage of a trial that chains stages: then ``epoch_offset`` continues its epoch axis,
+    ``artifact_prefix`` keeps the stages' checkpoints apart and ``finish_run=False`` leaves it open).
     """
     import ray.train
     from ray.train.torch import TorchTrainer
@@ -214,7 +227,7 @@ def run_training(
     tracking_uri = resolve_tracking_uri(config.tracking.uri, runs_dir)
     info = dataset_info(config)
     sources, teacher_source = prepare_sources(config, tracking_uri)
-    ensure_ray()
+    ensure_ray(address)
     check_resources(config)
 
     if run_id is None:
@@ -240,6 +253,7 @@ def run_training(
         "teacher_source": teacher_source,
         "sources": {k: ray.put(v) for k, v in sources.items() if v is not None},
         "test_hooks": test_hooks or {},
+        "epoch_offset": epoch_offset,
     }
     trainer = TorchTrainer(
         train_loop_per_worker,
@@ -273,17 +287,20 @@ def run_training(
     best_path = _best_checkpoint(result)
     last_path = result.checkpoint.path if result.checkpoint else None
     if best_path:
-        tracker.log_artifact(best_path, "checkpoints/best")
+        tracker.log_artifact(best_path, f"{artifact_prefix}checkpoints/best")
     if last_path and last_path != best_path:
-        tracker.log_artifact(last_path, "checkpoints/last")
+        tracker.log_artifact(last_path, f"{artifact_prefix}checkpoints/last")
     best = max(history, key=lambda row: row.get("val/top1", float("-inf"))) if history else {}
-    tracker.set_tags({"ofq.best_val_top1": f"{best.get('val/top1', float('nan')):.4f}"})
-    tracker.finish("FINISHED")
+    tracker.set_tags({f"ofq.{config.stage}.best_val_top1": f"{best.get('val/top1', float('nan')):.4f}"})
+    if finish_run:
+        tracker.finish("FINISHED")
     extra: dict[str, Any] = {}
     if config.tracking.register_as and best_path:
         from .tracking import register_checkpoint
 
-        version = register_checkpoint(tracking_uri, tracker.run_id, "checkpoints/best", config.tracking.register_as)
+        version = register_checkpoint(
+            tracking_uri, tracker.run_id, f"{artifact_prefix}checkpoints/best", config.tracking.register_as
+        )
         extra["registered"] = f"models:/{config.tracking.register_as}@champion (version {version})"
     return TrainingResult(
         run_id=tracker.run_id,
@@ -330,7 +347,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     import ray.train
     import ray.train.torch
 
-    from .quant import init_activation_scales, quantize_model, set_data_parallel_replicas
+    from .quant import init_activation_scales, quantize_model, quantized_size_bytes, set_data_parallel_replicas
     from .quant.cga import CGA
     from .quant.oscillation import OscillationTracker
     from .tracking import RunTracker
@@ -428,6 +445,11 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         model = ray.train.torch.prepare_model(model)
     if config.compile:
         model = torch.compile(model)  # type: ignore[assignment]
+    bare = unwrap(model)
+    size_bytes = float(
+        quantized_size_bytes(bare) if config.quantized else 4 * sum(p.numel() for p in bare.parameters())
+    )
+    offset = int(loop_config.get("epoch_offset", 0))
     mixup = _mixup(config, info)
     autocast = torch.bfloat16 if config.precision == "bf16" else None
     kill = _kill_hook(loop_config["test_hooks"].get("kill_at"), rank)
@@ -459,8 +481,15 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             tracker.summary(reset_window=True)
         if cga is not None:
             metrics["cga/frozen_frac"] = cga.frozen_fraction()
-        metrics["epoch"] = float(epoch)
+        metrics["model/size_bytes"] = size_bytes  # known before training: a free objective for sweeps
+        metrics["epoch"] = float(offset + epoch)
         history.append(metrics)
+        if run is not None:
+            # Logged before the report: a scheduler may stop the trial as soon as it sees the report.
+            # A crash between here and the checkpoint repeats the epoch; MLflow keeps its first values.
+            run.sync_history(history)
+            sys.stdout.write(_progress_line(config, epoch, metrics) + "\n")
+            sys.stdout.flush()
         with tempfile.TemporaryDirectory() as tmp:
             checkpoint = None
             if rank == 0:
@@ -482,11 +511,6 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 )
                 checkpoint = ray.train.Checkpoint.from_directory(tmp)
             ray.train.report(metrics, checkpoint=checkpoint)
-        if run is not None:
-            run.sync_history(history)
-            # print() is patched by Ray Train to also log, which shows every line twice
-            sys.stdout.write(_progress_line(config, epoch, metrics) + "\n")
-            sys.stdout.flush()
 
 
 def _init_batch(config: RunConfig, train_set: Any, info: DatasetInfo, local_loader: Any) -> torch.Tensor:
@@ -510,6 +534,7 @@ def _init_batch(config: RunConfig, train_set: Any, info: DatasetInfo, local_load
 
 
 def _progress_line(config: RunConfig, epoch: int, metrics: dict[str, float]) -> str:
+    # (written with sys.stdout.write: Ray Train patches print() to also log, which shows lines twice)
     line = (
         f"[{config.stage}] epoch {epoch + 1}/{config.epochs}  loss {metrics['train/loss']:.4f}  "
         f"top1 {metrics['val/top1']:.2f}  top5 {metrics['val/top5']:.2f}  lr {metrics['lr']:.2e}  "

@@ -42,13 +42,14 @@ def tiny_vit() -> Callable[..., nn.Module]:
     return make_tiny_vit
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def ray_session() -> Iterator[None]:
-    """One local Ray for the whole session (starting Ray costs seconds), with the dashboard: Ray Train
-    needs its state API to clean up after stopped runs."""
+    """One local Ray per test module (starting Ray costs seconds), with the dashboard: Ray Train needs
+    its state API to clean up after stopped runs. Module scope, because test_tune starts its own
+    `ray start --head` cluster and Ray's helpers refuse to guess between two clusters on one machine."""
     os.environ["RAY_AUTH_MODE"] = "disabled"
     import ray
 
-    ray.init(num_cpus=4, object_store_memory=1_000_000_000, include_dashboard=True, log_to_driver=True)
+    ray.init(address="local", num_cpus=4, object_store_memory=1_000_000_000, include_dashboard=True, log_to_driver=True)
     yield
     ray.shutdown()

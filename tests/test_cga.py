@@ -5,8 +5,8 @@ from __future__ import annotations
 import copy
 
 import pytest
-import timm
 import torch
+from conftest import make_tiny_vit
 from torch import nn
 
 from ofq_ray.quant import QuantAttention, QuantConfig, StatsQuantizer, init_activation_scales, quantize_model
@@ -15,18 +15,7 @@ from ofq_ray.quant.quantizers import statsq_prequant, statsq_scale
 
 
 def _tiny_vit(config: QuantConfig, seed: int = 0) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
-    torch.manual_seed(seed)
-    model = timm.create_model(
-        "deit_tiny_patch16_224",
-        pretrained=False,
-        num_classes=10,
-        img_size=32,
-        patch_size=4,
-        in_chans=1,
-        depth=2,
-        embed_dim=48,
-        num_heads=3,
-    )
+    model = make_tiny_vit(seed)
     quantize_model(model, config)
     images, targets = torch.randn(8, 1, 32, 32), torch.randint(0, 10, (8,))
     init_activation_scales(model, images)

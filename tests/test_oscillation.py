@@ -5,8 +5,8 @@ from __future__ import annotations
 import io
 
 import pytest
-import timm
 import torch
+from conftest import make_tiny_vit
 from torch import nn
 
 from ofq_ray.quant import LsqQuantizer, QuantConfig, WeightSource, init_activation_scales, quantize_model
@@ -176,18 +176,7 @@ def test_constructor_rejects_bad_settings(kwargs: dict[str, object], message: st
 
 @pytest.mark.parametrize("weight_quantizer", ["statsq", "lsq"])
 def test_tracks_every_block_weight_of_a_quantized_vit(weight_quantizer: str) -> None:
-    torch.manual_seed(0)
-    model = timm.create_model(
-        "deit_tiny_patch16_224",
-        pretrained=False,
-        num_classes=10,
-        img_size=32,
-        patch_size=4,
-        in_chans=1,
-        depth=2,
-        embed_dim=48,
-        num_heads=3,
-    )
+    model = make_tiny_vit()
     quantize_model(model, QuantConfig(weight_bits=2, act_bits=2, weight_quantizer=weight_quantizer))
     images, targets = torch.randn(8, 1, 32, 32), torch.randint(0, 10, (8,))
     init_activation_scales(model, images)

@@ -1,0 +1,315 @@
+"""Sweeps end to end on a real `ray start --head` cluster, a real MLflow store and real (digits) data."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from mlflow.tracking import MlflowClient
+
+from ofq_ray.checkpoint import load_model
+from ofq_ray.data import build_datasets, build_loader
+from ofq_ray.engine import evaluate
+from ofq_ray.tracking import default_tracking_uri, resolve_alias, search_runs
+from ofq_ray.tune import load_sweep, run_sweep
+
+pytestmark = pytest.mark.integration
+REPO = Path(__file__).resolve().parents[1]
+RAY = str(Path(sys.executable).parent / "ray")
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[dict[str, str]]:
+    """A private `ray start --head --block` cluster on 127.0.0.1, stopped through its own process."""
+    port, dashboard = _free_port(), _free_port()
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+    head = subprocess.Popen(
+        [
+            RAY,
+            "start",
+            "--head",
+            "--block",
+            f"--port={port}",
+            "--num-cpus=4",
+            "--include-dashboard=true",
+            "--dashboard-host=127.0.0.1",
+            f"--dashboard-port={dashboard}",
+            "--node-ip-address=127.0.0.1",
+        ],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    address = f"127.0.0.1:{port}"
+    import ray
+
+    deadline = time.time() + 90
+    while True:
+        try:
+            os.environ["RAY_AUTH_MODE"] = "disabled"
+            ray.init(address=address, log_to_driver=False)
+            break
+        except Exception:
+            if time.time() > deadline or head.poll() is not None:
+                head.kill()
+                raise
+            time.sleep(1)
+    try:
+        yield {"address": address, "dashboard": f"http://127.0.0.1:{dashboard}"}
+    finally:
+        ray.shutdown()
+        os.killpg(head.pid, signal.SIGTERM)
+        head.wait(timeout=60)
+
+
+def _spec(runs: Path, name: str, **tune: Any) -> dict[str, Any]:
+    return {
+        "name": name,
+        "base": {
+            "stage": "qat",
+            "model": {"name": "vit_digits"},
+            "data": {"name": "digits", "augment": False},
+            "quant": {"weight_bits": 4, "act_bits": 4},
+            "epochs": 3,
+            "batch_size": 64,
+            "eval_batch_size": 300,
+            "runs_dir": str(runs),
+        },
+        "stages": {"pretrain": {"epochs": 6, "optim": {"lr": 3.0e-3, "warmup_epochs": 1}}},
+        "search": {"optim.lr": {"loguniform": [1.0e-6, 3.0e-3]}},
+        "tune": {
+            "num_samples": 6,
+            "max_concurrent_trials": 2,
+            "resources_per_worker": {"CPU": 1},
+            "seed": 0,
+            "scheduler": {"asha": {"grace_period": 1, "reduction_factor": 2}},
+            **tune,
+        },
+        "mlflow": {"experiment": name},
+    }
+
+
+def _write(path: Path, spec: dict[str, Any]) -> Path:
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+def _children(uri: str, experiment: str) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    parents = search_runs(uri, experiment, "tags.`ofq.kind` = 'sweep'")
+    assert len(parents) == 1
+    children = search_runs(uri, experiment, f"tags.`mlflow.parentRunId` = '{parents[0]['run_id']}'")
+    return parents[0], children
+
+
+@pytest.fixture(scope="module")
+def smoke(cluster: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> tuple[Any, Path]:
+    runs = tmp_path_factory.mktemp("sweep")
+    sweep = load_sweep(str(_write(runs / "smoke.yaml", _spec(runs, "smoke"))))
+    return run_sweep(sweep, address=cluster["address"]), runs
+
+
+def test_smoke_sweep_one_parent_one_child_per_trial_asha_and_champion(smoke: tuple[Any, Path]) -> None:
+    result, runs = smoke
+    uri = default_tracking_uri(str(runs))
+    statuses = [t["status"] for t in result.trials]
+    assert len(result.trials) == 6 and "errored" not in statuses
+    assert statuses.count("stopped") >= 1  # ASHA cut some trials short
+    parent, children = _children(uri, "smoke")
+    assert parent["status"] == "FINISHED"
+    assert len(children) == 6
+    assert len({c["tags"]["ofq.trial_id"] for c in children}) == 6
+    by_status = {c["status"] for c in children}
+    assert by_status <= {"FINISHED", "KILLED"} and "KILLED" in by_status  # stopped trials are closed as KILLED
+    # Every child holds contiguous per-epoch metrics.
+    client = MlflowClient(uri)
+    for child in children:
+        steps = sorted(m.step for m in client.get_metric_history(child["run_id"], "val/top1"))
+        assert steps == list(range(len(steps))) and steps
+    # The champion alias points at the best finished trial and reloads to its logged accuracy.
+    finished = [c for c in children if c["status"] == "FINISHED"]
+    best_value = max(max(m.value for m in client.get_metric_history(c["run_id"], "val/top1")) for c in finished)
+    alias = resolve_alias(uri, "smoke")
+    assert alias["run_id"] == result.best["run_id"]
+    champion_best = max(m.value for m in client.get_metric_history(alias["run_id"], "val/top1"))
+    assert champion_best == pytest.approx(best_value)
+    model = load_model("models:/smoke@champion", tracking_uri=uri)
+    _, val_set, info = build_datasets("digits", None, 16, seed=0)
+    accuracy = evaluate(
+        model, build_loader(val_set, info, batch_size=300, train=False), device=model.head.weight.device
+    )
+    assert accuracy["val/top1"] == pytest.approx(champion_best, abs=1e-6)
+    # Stopped trials' checkpoints are gone; the summary says what is kept.
+    for trial in result.trials:
+        folders = [d for d in os.listdir(runs / "ray") if f"-{trial['trial_id']}-" in d]
+        assert (folders == []) == (trial["status"] == "stopped"), trial
+    assert result.bytes_kept > 0
+    artifacts = {a.path for a in client.list_artifacts(parent["run_id"])}
+    assert {"summary.md", "trials.json"} <= artifacts
+
+
+def test_shared_stage_is_trained_once_and_reused_by_the_next_sweep(
+    smoke: tuple[Any, Path], cluster: dict[str, str]
+) -> None:
+    _, runs = smoke
+    uri = default_tracking_uri(str(runs))
+    cached = search_runs(uri, "ofq-ray-stages", "tags.`ofq.chain_fingerprint` != ''")
+    assert len(cached) == 1 and cached[0]["tags"]["ofq.stage"] == "pretrain"
+    again = load_sweep(str(_write(runs / "again.yaml", _spec(runs, "smoke-again", num_samples=2))))
+    run_sweep(again, address=cluster["address"])
+    assert len(search_runs(uri, "ofq-ray-stages", "tags.`ofq.chain_fingerprint` != ''")) == 1
+
+
+def test_resume_after_killing_the_driver_finishes_exactly_num_samples(cluster: dict[str, str], tmp_path: Path) -> None:
+    spec = _write(tmp_path / "resume.yaml", _spec(tmp_path, "resume", num_samples=4, scheduler="none"))
+    uri = default_tracking_uri(str(tmp_path))
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+    command = [sys.executable, "-m", "ofq_ray.cli", "tune", str(spec), "--address", cluster["address"]]
+    with open(tmp_path / "first.log", "w") as log:
+        driver = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    deadline = time.time() + 300
+    started: dict[str, str] = {}
+    while time.time() < deadline and driver.poll() is None:
+        time.sleep(2)
+        try:
+            _, children = _children(uri, "resume")
+        except Exception:  # experiment or parent not there yet
+            continue
+        reported = [c for c in children if "val/top1" in c["metrics"]]
+        if len(reported) >= 2:
+            started = {c["tags"]["ofq.trial_id"]: c["run_id"] for c in children}
+            break
+    assert started, (tmp_path / "first.log").read_text()[-3000:]
+    os.killpg(driver.pid, signal.SIGKILL)
+    driver.wait()
+    done = subprocess.run([*command, "--resume"], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    _, children = _children(uri, "resume")
+    assert len(children) == 4
+    assert len({c["tags"]["ofq.trial_id"] for c in children}) == 4
+    assert len({c["params"]["search.optim.lr"] for c in children}) == 4  # no configuration ran twice
+    for trial_id, run_id in started.items():  # trials that had started kept their MLflow run
+        assert [c["run_id"] for c in children if c["tags"]["ofq.trial_id"] == trial_id] == [run_id]
+    assert all(c["status"] == "FINISHED" for c in children), [
+        (c["tags"]["ofq.trial_id"], c["status"], sorted(c["metrics"])) for c in children
+    ]
+
+
+def test_ray_job_submit_runs_a_sweep_on_the_cluster(cluster: dict[str, str], tmp_path: Path) -> None:
+    spec = _write(tmp_path / "job.yaml", _spec(tmp_path, "job", num_samples=1, scheduler="none"))
+    env = {
+        **os.environ,
+        "RAY_AUTH_MODE": "disabled",
+        "RAY_ADDRESS": cluster["dashboard"],
+        "OFQ_RUNS_DIR": str(tmp_path),
+    }
+    done = subprocess.run(
+        [str(REPO / "jobs" / "submit.sh"), str(spec)], env=env, capture_output=True, text=True, timeout=600, cwd=REPO
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "succeeded" in done.stdout.lower()
+    alias = resolve_alias(default_tracking_uri(str(tmp_path)), "job")
+    assert alias["version"] == 1
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"search": {"optim.lrr": {"loguniform": [1e-4, 1e-3]}}}, "optim.lrr: unknown key"),
+        ({"search": {"optim.lr": {"logunif": [1e-4, 1e-3]}}}, "distribution 'logunif' is not allowed"),
+        ({"search": {"optim.lr": {"loguniform": [1e-3, 1e-4]}}}, "low < high"),
+        ({"search": {"quant.bits": {"choice": ["2/2", "9/9"]}}}, "quant.weight_bits: 9 is not allowed"),
+        ({"tune": {"max_concurrent_trials": 8, "resources_per_worker": {"CPU": 2}}}, "tune.resources_per_worker:"),
+        ({"base": {"data": {"name": "fashion_mnist", "root": "/nonexistent"}}}, "data.root:"),
+        ({"tuen": {}}, "tuen: unknown key"),
+    ],
+)
+def test_bad_sweep_input_exits_2_with_one_line_and_creates_nothing(
+    cluster: dict[str, str], tmp_path: Path, change: dict[str, Any], message: str
+) -> None:
+    spec = _spec(tmp_path, "bad")
+    for key, value in change.items():
+        spec[key] = {**spec[key], **value} if isinstance(spec.get(key), dict) and key != "search" else value
+    path = _write(tmp_path / "bad.yaml", spec)
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+    done = subprocess.run(
+        [sys.executable, "-m", "ofq_ray.cli", "tune", str(path), "--address", cluster["address"]],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert done.returncode == 2, done.stdout[-2000:] + done.stderr[-2000:]
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("ofq-ray: error: ") and message in lines[0], done.stderr
+    assert not (tmp_path / "mlflow.db").exists()
+
+
+def test_best_cli_names_the_champion(smoke: tuple[Any, Path]) -> None:
+    result, runs = smoke
+    done = subprocess.run(
+        [sys.executable, "-m", "ofq_ray.cli", "best", "smoke", "--runs-dir", str(runs)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    best = json.loads(done.stdout)
+    assert best["run_id"] == result.best["run_id"]
+    assert best["champion"].startswith("models:/smoke@champion")
+
+
+def test_ui_serves_the_sweep_over_rest_on_localhost(smoke: tuple[Any, Path]) -> None:
+    import urllib.request
+
+    _, runs = smoke
+    port = _free_port()
+    server = subprocess.Popen(
+        [sys.executable, "-m", "ofq_ray.cli", "ui", "--runs-dir", str(runs), "--port", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:
+        deadline = time.time() + 90
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as response:
+                    assert response.status == 200
+                break
+            except OSError:
+                assert server.poll() is None and time.time() < deadline, "MLflow server did not come up"
+                time.sleep(1)
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{port}/api/2.0/mlflow/experiments/get-by-name?experiment_name=smoke"
+        )
+        with urllib.request.urlopen(request, timeout=10) as response:
+            experiment = json.load(response)["experiment"]
+        body = json.dumps({"experiment_ids": [experiment["experiment_id"]], "max_results": 100}).encode()
+        search = urllib.request.Request(
+            f"http://127.0.0.1:{port}/api/2.0/mlflow/runs/search",
+            data=body,
+            headers={"Content-Type": "application/json"},
+        )
+        with urllib.request.urlopen(search, timeout=10) as response:
+            runs_found = json.load(response)["runs"]
+        assert len(runs_found) == 7  # the sweep's parent and its six trials
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=30)
