@@ -77,6 +77,11 @@ def cluster() -> Iterator[dict[str, str]]:
         ray.shutdown()
         os.killpg(head.pid, signal.SIGTERM)
         head.wait(timeout=60)
+        # `ray start` leaves its address behind; a later auto-detecting Ray helper (Ray Train's placement
+        # group cleaner) would then try to reach this dead cluster.
+        marker = Path("/tmp/ray/ray_current_cluster")
+        if marker.exists() and marker.read_text().strip().endswith(f":{port}"):
+            marker.unlink()
 
 
 def _spec(runs: Path, name: str, **tune: Any) -> dict[str, Any]:
