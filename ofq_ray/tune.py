@@ -16,6 +16,7 @@ import math
 import os
 import shutil
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -585,6 +586,8 @@ def run_sweep(sweep: Sweep, *, resume: bool = False, address: str | None = None,
     started = time.time()
     base = _base_config(sweep.base)
     runs_dir = os.path.abspath(base.runs_dir)
+    # Tune runs each trial in its own working folder: every path a trial uses must be absolute.
+    sweep.base["runs_dir"] = runs_dir
     tracking_uri = resolve_tracking_uri(sweep.mlflow.tracking_uri, runs_dir)
     sweep.mlflow.tracking_uri = tracking_uri
     dataset_info(base)  # a missing dataset fails here, before anything is created
@@ -631,6 +634,7 @@ def run_sweep(sweep: Sweep, *, resume: bool = False, address: str | None = None,
             "tune_name": state["tune_name"],
         }
         max_t = sum(stage_config(sweep, s, {}, init_from=shared_source or _PLACEHOLDER).epochs for s in trial_stages)
+        context["total_epochs"] = max_t
         # Save the experiment state often, so a killed driver loses little (resume picks it up).
         os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "5")
         trainable = tune.with_resources(tune.with_parameters(run_trial, context=context), {"cpu": TRIAL_CPU})
@@ -697,6 +701,10 @@ def _finish(sweep: Sweep, grid: Any, context: dict[str, Any], parent: Any, log: 
             status = "errored"
         elif child is not None and child["status"] == "FINISHED":
             status = "completed"
+        elif child is not None and len({m.step for m in history}) >= context["total_epochs"]:
+            # Trained every epoch, but the scheduler stopped it on its last report (an ASHA rung can fall
+            # on the last epoch) before it logged its checkpoints: finish it here from its Ray storage.
+            status = "completed" if _finish_in_driver(child["run_id"], uri, runs_dir, context, trial_id) else "stopped"
         else:
             status = "stopped"
         if child is not None and status == "stopped":
@@ -731,6 +739,30 @@ def _finish(sweep: Sweep, grid: Any, context: dict[str, Any], parent: Any, log: 
     result = SweepResult(sweep.name, parent.run_id, uri, trials, best, champion, 0.0, bytes_kept, pareto)
     _log_summary(sweep, result, parent, log)
     return result
+
+
+def _finish_in_driver(run_id: str, uri: str, runs_dir: str, context: dict[str, Any], trial_id: str) -> bool:
+    """Logs the best kept checkpoint of a fully trained trial's last stage and closes its run."""
+    from .checkpoint import CheckpointError, read_checkpoint
+    from .tracking import RunTracker
+
+    stage_dir = os.path.join(runs_dir, "ray", f"{context['tune_name']}-{trial_id}-{context['trial_stages'][-1]}")
+    candidates = []
+    for folder in sorted(os.listdir(stage_dir)) if os.path.isdir(stage_dir) else []:
+        path = os.path.join(stage_dir, folder)
+        if folder.startswith("checkpoint_") and os.path.isdir(path):
+            try:
+                history = read_checkpoint(path)["history"]
+            except CheckpointError:
+                continue
+            candidates.append((history[-1].get("val/top1", float("-inf")), path))
+    if not candidates:
+        return False
+    tracker = RunTracker(uri, run_id)
+    tracker.log_artifact(max(candidates)[1], "checkpoints/best")
+    tracker.set_tags({"ofq.finished_by": "sweep driver"})
+    tracker.finish("FINISHED")
+    return True
 
 
 def _trial_checkpoint_dirs(runs_dir: str, tune_name: str, trial_id: str) -> list[str]:
@@ -838,6 +870,7 @@ def _plots(sweep: Sweep, result: SweepResult, folder: str) -> dict[str, str]:
     from optuna.visualization import matplotlib as ovm
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
     space = optuna_space(sweep.search)
     directions: list[Any] = ["maximize" if m == "max" else "minimize" for m in sweep.tune.modes]
     study = optuna.create_study(directions=directions)
@@ -885,13 +918,19 @@ def best_trial(name: str, tracking_uri: str, metric: str = "val/top1", mode: str
     finished = [c for c in children if c["status"] == "FINISHED" and metric in c["metrics"]]
     if not finished:
         raise ConfigError(f"sweep: {name!r} has no finished trial with metric {metric!r}")
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri)
     pick = max if mode == "max" else min
-    best = pick(finished, key=lambda c: c["metrics"][metric])
+    # Rank by each trial's best epoch (its registered checkpoint), as the sweep does when it picks the champion.
+    peak = {c["run_id"]: pick(m.value for m in client.get_metric_history(c["run_id"], metric)) for c in finished}
+    best = pick(finished, key=lambda c: peak[c["run_id"]])
     out = {
         "sweep": name,
         "parent_run_id": parent["run_id"],
         "trial_id": best["tags"].get("ofq.trial_id"),
         "run_id": best["run_id"],
+        f"best_{metric}": peak[best["run_id"]],
         "metrics": best["metrics"],
         "params": {k[len("search.") :]: v for k, v in best["params"].items() if k.startswith("search.")},
         "checkpoint_uri": f"runs:/{best['run_id']}/checkpoints/best",

@@ -124,10 +124,18 @@ def _children(uri: str, experiment: str) -> tuple[dict[str, Any], list[dict[str,
 
 
 @pytest.fixture(scope="module")
-def smoke(cluster: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> tuple[Any, Path]:
-    runs = tmp_path_factory.mktemp("sweep")
-    sweep = load_sweep(str(_write(runs / "smoke.yaml", _spec(runs, "smoke"))))
-    return run_sweep(sweep, address=cluster["address"]), runs
+def smoke(cluster: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Any, Path]]:
+    # A relative runs folder, as in the shipped specs: Tune moves each trial into its own working folder,
+    # so the sweep must hand trials absolute paths. ASHA with rf 3 has a rung on the last epoch (3).
+    home = tmp_path_factory.mktemp("sweep")
+    spec = _spec(Path("runs"), "smoke", scheduler={"asha": {"grace_period": 1, "reduction_factor": 3}})
+    previous = os.getcwd()
+    os.chdir(home)
+    try:
+        sweep = load_sweep(str(_write(home / "smoke.yaml", spec)))
+        yield run_sweep(sweep, address=cluster["address"]), home / "runs"
+    finally:
+        os.chdir(previous)
 
 
 def test_smoke_sweep_one_parent_one_child_per_trial_asha_and_champion(smoke: tuple[Any, Path]) -> None:
