@@ -7,7 +7,6 @@ allowed, e.g. ``optim.lr: -1.0 is not allowed; allowed: a number > 0``.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import hashlib
 import json
 import os
@@ -17,6 +16,7 @@ from typing import Any
 
 import yaml
 
+from .hints import did_you_mean
 from .quant.convert import QuantConfig
 
 STAGES = ("pretrain", "qat", "cga")
@@ -24,11 +24,6 @@ STAGES = ("pretrain", "qat", "cga")
 
 class ConfigError(ValueError):
     """A user-facing configuration error (one line; the CLI prints it and exits with status 2)."""
-
-
-def _did_you_mean(value: str, allowed: list[str] | tuple[str, ...]) -> str:
-    close = difflib.get_close_matches(value, list(allowed), n=1)
-    return f" (did you mean {close[0]!r}?)" if close else ""
 
 
 def _spec(
@@ -133,7 +128,7 @@ class RunConfig:
         if self.data.name not in DATASETS:
             raise ConfigError(
                 f"data.name: {self.data.name!r} is not allowed; allowed: {', '.join(DATASETS)}"
-                f"{_did_you_mean(self.data.name, DATASETS)}"
+                f"{did_you_mean(self.data.name, DATASETS)}"
             )
         if self.batch_size % self.workers:
             raise ConfigError(
@@ -234,7 +229,7 @@ def _coerce(value: Any, hint: Any, meta: dict[str, Any], key: str) -> Any:
         choices = meta.get("choices")
         if choices and value not in choices:
             raise ConfigError(
-                f"{key}: {value!r} is not allowed; allowed: {', '.join(choices)}{_did_you_mean(value, choices)}"
+                f"{key}: {value!r} is not allowed; allowed: {', '.join(choices)}{did_you_mean(value, choices)}"
             )
     low, high, strict = meta.get("low"), meta.get("high"), meta.get("strict")
     if isinstance(value, int | float) and (
@@ -256,9 +251,7 @@ def _build(cls: type, data: Any, prefix: str) -> Any:
     names = [f.name for f in dataclasses.fields(cls)]
     for key in data:
         if key not in names:
-            raise ConfigError(
-                f"{prefix}{key}: unknown key; allowed: {', '.join(names)}{_did_you_mean(str(key), names)}"
-            )
+            raise ConfigError(f"{prefix}{key}: unknown key; allowed: {', '.join(names)}{did_you_mean(str(key), names)}")
     values = {}
     for item in dataclasses.fields(cls):
         if item.name not in data:

@@ -20,7 +20,6 @@ Example:
 
 from __future__ import annotations
 
-import difflib
 import gzip
 import math
 import os
@@ -32,6 +31,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
+
+from .hints import did_you_mean
 
 __all__ = [
     "DATASETS",
@@ -175,9 +176,9 @@ def _subset_indices(total: int, subset: int | None, seed: int, stream: int, fiel
 def _validate_name(name: str) -> None:
     if name in DATASETS:
         return
-    close = difflib.get_close_matches(name, DATASETS, n=1)
-    hint = f" (did you mean '{close[0]}'?)" if close else ""
-    raise ValueError(f"data.name: unknown dataset '{name}'; allowed: {', '.join(DATASETS)}{hint}")
+    raise ValueError(
+        f"data.name: unknown dataset '{name}'; allowed: {', '.join(DATASETS)}{did_you_mean(name, DATASETS)}"
+    )
 
 
 def _read_idx(path: str, expected_magic: int) -> np.ndarray:

@@ -6,7 +6,6 @@ added with one :func:`register` call.
 
 from __future__ import annotations
 
-import difflib
 import os
 from dataclasses import dataclass, field
 from typing import Any
@@ -14,6 +13,8 @@ from typing import Any
 import timm
 import torch
 from torch import nn
+
+from .hints import did_you_mean
 
 
 @dataclass(frozen=True)
@@ -110,8 +111,7 @@ register(
 def get_spec(name: str) -> ModelSpec:
     """The registered spec, or a one-line ``ValueError`` naming ``model.name`` and the allowed names."""
     if name not in MODELS:
-        close = difflib.get_close_matches(name, list(MODELS), n=1)
-        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        hint = did_you_mean(name, MODELS)
         raise ValueError(f"model.name: unknown model {name!r}; allowed: {', '.join(MODELS)}{hint}")
     return MODELS[name]
 

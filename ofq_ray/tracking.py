@@ -19,7 +19,6 @@ Example:
 from __future__ import annotations
 
 import contextlib
-import difflib
 import json
 import numbers
 import os
@@ -32,6 +31,8 @@ import urllib.request
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
+
+from .hints import did_you_mean
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
@@ -435,7 +436,7 @@ class RunTracker:
         normalized = status.upper() if isinstance(status, str) else status
         if normalized not in RUN_STATUSES:
             raise ValueError(
-                f"status={status!r} is not one of {list(RUN_STATUSES)}{_did_you_mean(status, RUN_STATUSES)}"
+                f"status={status!r} is not one of {list(RUN_STATUSES)}{did_you_mean(status, RUN_STATUSES)}"
             )
         self._client.set_terminated(self.run_id, normalized)
 
@@ -479,7 +480,7 @@ def search_runs(
     found = client.get_experiment_by_name(experiment)
     if found is None:
         names = [exp.name for exp in client.search_experiments()]
-        raise ValueError(f"no MLflow experiment named {experiment!r} in {uri}{_did_you_mean(experiment, names)}")
+        raise ValueError(f"no MLflow experiment named {experiment!r} in {uri}{did_you_mean(experiment, names)}")
     runs: list[dict[str, Any]] = []
     page_token: str | None = None
     while True:
@@ -651,11 +652,6 @@ def _error_code(error: BaseException) -> str | None:
 def _first_line(error: BaseException) -> str:
     message = getattr(error, "message", None) or str(error) or type(error).__name__
     return str(message).strip().splitlines()[0]
-
-
-def _did_you_mean(value: object, choices: Sequence[str]) -> str:
-    close = difflib.get_close_matches(str(value), list(choices), n=1)
-    return f"; did you mean {close[0]!r}?" if close else ""
 
 
 def _safe_suggestion(name: str) -> str:

@@ -23,7 +23,8 @@ from typing import Any
 import yaml
 from ray.tune import Callback
 
-from .config import ConfigError, RunConfig, _build, _did_you_mean, _spec, apply_override, config_from_dict
+from .config import ConfigError, RunConfig, _build, _merge, _spec, apply_override, config_from_dict
+from .hints import did_you_mean
 
 SEARCHERS = ("tpe", "nsga2", "random", "grid")
 DISTRIBUTIONS = ("uniform", "loguniform", "int", "choice", "grid")
@@ -107,7 +108,7 @@ def _check_distribution(key: str, dist: Any) -> dict[str, Any]:
     if kind not in DISTRIBUTIONS:
         raise ConfigError(
             f"search.{key}: distribution {kind!r} is not allowed; allowed: {', '.join(DISTRIBUTIONS)}"
-            f"{_did_you_mean(str(kind), DISTRIBUTIONS)}"
+            f"{did_you_mean(str(kind), DISTRIBUTIONS)}"
         )
     if kind in ("choice", "grid"):
         if not isinstance(args, list) or not args:
@@ -162,7 +163,7 @@ def load_sweep(path: str, overrides: list[str] | tuple[str, ...] = ()) -> Sweep:
     allowed = ["name", "description", "base", "search", "tune", "mlflow", "stages"]
     for key in raw:
         if key not in allowed:
-            raise ConfigError(f"{key}: unknown key; allowed: {', '.join(allowed)}{_did_you_mean(str(key), allowed)}")
+            raise ConfigError(f"{key}: unknown key; allowed: {', '.join(allowed)}{did_you_mean(str(key), allowed)}")
     return sweep_from_dict(raw, text)
 
 
@@ -299,15 +300,6 @@ def stage_config(sweep: Sweep, stage: str, values: dict[str, Any], init_from: st
 def trial_config(sweep: Sweep, values: dict[str, Any]) -> RunConfig:
     base = _base_config(sweep.base)
     return stage_config(sweep, base.stage, values, init_from=base.init_from)
-
-
-def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
-    merged = dict(base)
-    for key, value in update.items():
-        merged[key] = (
-            _merge(merged[key], value) if isinstance(value, dict) and isinstance(merged.get(key), dict) else value
-        )
-    return merged
 
 
 # --- Optuna / Tune plumbing -----------------------------------------------------------------------------
@@ -577,7 +569,6 @@ def _state_path(runs_dir: str, name: str) -> str:
 
 def run_sweep(sweep: Sweep, *, resume: bool = False, address: str | None = None, log: Any = print) -> SweepResult:
     """Runs a validated sweep end to end (or resumes the last interrupted run of the same name)."""
-    import ray
     from ray import tune
 
     from .tracking import RunTracker, ensure_experiment, flatten, resolve_tracking_uri
@@ -670,7 +661,6 @@ def run_sweep(sweep: Sweep, *, resume: bool = False, address: str | None = None,
     result.wall_s = time.time() - started
     parent.set_tags({"ofq.wall_s": f"{result.wall_s:.0f}", "ofq.bytes_kept": str(result.bytes_kept)})
     parent.finish("FINISHED")
-    _ = ray
     return result
 
 
@@ -843,9 +833,8 @@ def _log_summary(sweep: Sweep, result: SweepResult, parent: Any, log: Any) -> No
             handle.write(summary)
         with open(os.path.join(tmp, "trials.json"), "w") as handle:
             json.dump(result.trials, handle, indent=2, default=str)
-        for name, path in _plots(sweep, result, tmp).items():
+        for path in _plots(sweep, result, tmp).values():
             parent.log_artifact(path, "plots")
-            _ = name
         parent.log_artifact(os.path.join(tmp, "summary.md"))
         parent.log_artifact(os.path.join(tmp, "trials.json"))
     parent.set_tags(

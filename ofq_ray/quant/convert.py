@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import difflib
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
 from typing import Any, cast
@@ -14,17 +13,13 @@ from timm.models.swin_transformer import PatchMerging, SwinTransformer, WindowAt
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
+from ..hints import did_you_mean
 from .attention import QuantAttention, QuantWindowAttention
 from .layers import QConv2d, QLinear, make_weight_quantizer, quantized_head
 from .quantizers import LsqQuantizer, check_bits
 
 WEIGHT_QUANTIZERS = ("statsq", "lsq")
 SUPPORTED_MODELS = (VisionTransformer, SwinTransformer)
-
-
-def _did_you_mean(value: str, allowed: tuple[str, ...] | list[str]) -> str:
-    close = difflib.get_close_matches(value, allowed, n=1)
-    return f" (did you mean {close[0]!r}?)" if close else ""
 
 
 @dataclass
@@ -60,7 +55,7 @@ class QuantConfig:
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"quant.{name}: {getattr(self, name)!r} is not allowed; allowed: true, false")
         if self.weight_quantizer not in WEIGHT_QUANTIZERS:
-            hint = _did_you_mean(str(self.weight_quantizer), WEIGHT_QUANTIZERS)
+            hint = did_you_mean(str(self.weight_quantizer), WEIGHT_QUANTIZERS)
             raise ValueError(
                 f"quant.weight_quantizer: {self.weight_quantizer!r} is not allowed; "
                 f"allowed: {', '.join(WEIGHT_QUANTIZERS)}{hint}"
@@ -74,9 +69,7 @@ class QuantConfig:
         allowed = [f.name for f in fields(cls)]
         for key in values:
             if key not in allowed:
-                raise ValueError(
-                    f"quant.{key}: unknown key; allowed: {', '.join(allowed)}{_did_you_mean(key, allowed)}"
-                )
+                raise ValueError(f"quant.{key}: unknown key; allowed: {', '.join(allowed)}{did_you_mean(key, allowed)}")
         return cls(**values)
 
 
