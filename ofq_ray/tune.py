@@ -710,7 +710,11 @@ def _finish(sweep: Sweep, grid: Any, context: dict[str, Any], parent: Any, log: 
                 "status": status,
                 "epochs": len({m.step for m in history}),
                 "best": best_value,
-                "objectives": {m: (child["metrics"].get(m) if child else None) for m in sweep.tune.metrics},
+                # the first objective at its best epoch (the checkpoint kept), the others as last reported
+                "objectives": {
+                    m: best_value if m == metric else (child["metrics"].get(m) if child else None)
+                    for m in sweep.tune.metrics
+                },
                 "config": dict(result.config or {}),
                 "run_id": child["run_id"] if child else None,
             }
@@ -780,7 +784,9 @@ def _bytes_kept(runs_dir: str, tune_name: str, experiment: str) -> int:
 
 
 def _pareto_front(trials: list[dict[str, Any]], sweep: Sweep) -> list[dict[str, Any]]:
-    points = [t for t in trials if t["status"] == "completed" and all(v is not None for v in t["objectives"].values())]
+    """Non-dominated trials. Stopped trials count too: their size is exact and their accuracy a lower
+    bound, so a small model that ASHA stopped can still be on the front (marked by its status)."""
+    points = [t for t in trials if t["status"] != "errored" and all(v is not None for v in t["objectives"].values())]
     signs = [1 if mode == "max" else -1 for mode in sweep.tune.modes]
 
     def dominates(a: dict[str, Any], b: dict[str, Any]) -> bool:
@@ -822,7 +828,8 @@ def _log_summary(sweep: Sweep, result: SweepResult, parent: Any, log: Any) -> No
         summary += (
             "pareto front: "
             + "; ".join(
-                ", ".join(f"{m}={_fmt(p['objectives'][m])}" for m in sweep.tune.metrics) + f" ({p['trial_id']})"
+                ", ".join(f"{m}={_fmt(p['objectives'][m])}" for m in sweep.tune.metrics)
+                + f" ({p['trial_id']}, {p['status']})"
                 for p in result.pareto
             )
             + "\n"
@@ -866,7 +873,8 @@ def _plots(sweep: Sweep, result: SweepResult, folder: str) -> dict[str, str]:
     for trial in result.trials:
         values = [trial["objectives"].get(m) for m in sweep.tune.metrics]
         params = {k: trial["config"].get(k) for k in sweep.search}
-        if trial["status"] != "completed" or any(v is None for v in values) or any(v is None for v in params.values()):
+        usable = trial["status"] == "completed" or (sweep.tune.multi_objective and trial["status"] == "stopped")
+        if not usable or any(v is None for v in values) or any(v is None for v in params.values()):
             continue
         study.add_trial(optuna.trial.create_trial(params=params, distributions=space, values=values))
     plots: dict[str, str] = {}

@@ -89,3 +89,23 @@ def test_lr_schedule_matches_the_reference_at_the_spec_epochs() -> None:
     assert schedule(309) == pytest.approx(1e-5)
     cga = LRSchedule(lr=1e-5, min_lr=1e-5, epochs=30, kind="constant")
     assert cga(0) == cga(29.5) == pytest.approx(1e-5)  # the reference's CGA stage (epochs 300-329)
+
+
+def test_pareto_front_keeps_stopped_trials_and_drops_dominated_and_errored_ones() -> None:
+    from ofq_ray.tune import _pareto_front
+
+    sweep = load_sweep(str(REPO / "search_spaces" / "pareto.yaml"))
+    top1, size = sweep.tune.metrics
+
+    def trial(name: str, status: str, acc: float | None, nbytes: float) -> dict:
+        return {"trial_id": name, "status": status, "objectives": {top1: acc, size: nbytes}}
+
+    trials = [
+        trial("big", "completed", 85.0, 400_000),
+        trial("small_stopped", "stopped", 70.0, 100_000),  # smallest: on the front although ASHA stopped it
+        trial("dominated", "completed", 80.0, 400_000),
+        trial("errored", "errored", 99.0, 50_000),
+        trial("no_metric", "stopped", None, 90_000),
+        trial("middle", "completed", 82.0, 200_000),
+    ]
+    assert {t["trial_id"] for t in _pareto_front(trials, sweep)} == {"big", "small_stopped", "middle"}
