@@ -129,11 +129,13 @@ class StatsQuantizer(nn.Module):
 
 
 class _LsqQuantize(torch.autograd.Function):
-    """LSQ: ``s * round(clamp(x/s, qn, qp))`` with the straight-through estimator.
+    """LSQ with its shifts: ``s * round(clamp((x + before)/s, qn, qp)) + after``, straight-through.
 
-    Gradients: x gets ``grad`` inside the clip range and 0 outside; the step gets the LSQ gradient
-    ``sum(grad * (round(v) - v))`` inside and ``qn``/``qp`` outside, times ``grad_scale``.
-    The ``max(s, 1e-5)`` floor passes its gradient straight through.
+    Gradients: x and ``before`` get ``grad`` inside the clip range and 0 outside; ``after`` gets
+    ``grad``; the step gets the LSQ gradient ``sum(grad * (round(v) - v))`` inside and ``qn``/``qp``
+    outside, times ``grad_scale``. The ``max(s, 1e-5)`` floor passes its gradient straight through.
+    The shifts (None for none) are fused in because these tensors are the largest activations of a
+    step and every extra elementwise pass over them shows in the step time.
     """
 
     @staticmethod
@@ -141,38 +143,53 @@ class _LsqQuantize(torch.autograd.Function):
         ctx: torch.autograd.function.FunctionCtx,
         x: torch.Tensor,
         step: torch.Tensor,
+        before: torch.Tensor | None,
+        after: torch.Tensor | None,
         qn: int,
         qp: int,
         grad_scale: float,
     ) -> torch.Tensor:
         # Rounding decisions in bf16/fp16 would move codes; quantize in float32 and cast back.
         s = step.clamp_min(_MIN_STEP).float()
-        v = x.float() / s
-        clipped = v.clamp(qn, qp)
-        rounded = torch.round(clipped)
-        inside = clipped == v
-        # d(out)/ds per element: round(v) - v inside the range, the clip bound outside.
-        # (kept in the input's dtype: half the memory under bf16 autocast, ample precision for a gradient)
-        ctx.save_for_backward(inside, torch.addcmul(rounded, v, inside, value=-1.0).to(x.dtype))
+        v = x.float() / s if before is None else torch.addcdiv(before.float() / s, x.float(), s)
+        rounded = v.clamp(qn, qp)
+        # The mask kept for backward: bool on GPUs (a quarter of the memory), float on CPUs, where
+        # arithmetic with bool tensors is ~20x slower than with float ones.
+        inside = (rounded == v) if v.is_cuda else torch.eq(rounded, v, out=torch.empty_like(v))
+        rounded.round_()
+        out = rounded * s if after is None else torch.addcmul(after.float(), rounded, s)
+        # The output's dtype is what ``x + before`` and ``+ after`` would give unfused.
+        out_dtype = x.dtype
+        for shift in (before, after):
+            out_dtype = out_dtype if shift is None else torch.promote_types(out_dtype, shift.dtype)
+        # d(out)/ds per element: round(v) - v inside the range, the clip bound (= rounded) outside.
+        # Kept in that dtype: half the memory under bf16 autocast, ample precision for a gradient.
+        dstep = torch.addcmul(rounded, v, inside, value=-1.0)
+        ctx.save_for_backward(inside, dstep.to(out_dtype))
         ctx.step_shape = step.shape  # type: ignore[attr-defined]
         ctx.step_dtype = step.dtype  # type: ignore[attr-defined]
         ctx.grad_scale = grad_scale  # type: ignore[attr-defined]
         ctx.x_dtype = x.dtype  # type: ignore[attr-defined]
-        return (rounded * s).to(x.dtype)
+        ctx.shifts = [None if t is None else (t.shape, t.dtype) for t in (before, after)]  # type: ignore[attr-defined]
+        return out.to(out_dtype)
 
     @staticmethod
     def backward(  # type: ignore[override]
         ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor, None, None, None]:
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None, None, None, None]:
         inside, dstep = ctx.saved_tensors  # type: ignore[attr-defined]
-        dstep = dstep.float()
-        grad_x = (grad * inside).to(ctx.x_dtype)  # type: ignore[attr-defined]
+        before, after = ctx.shifts  # type: ignore[attr-defined]
+        grad_v = grad * inside
+        grad_before = None if before is None else grad_v.sum_to_size(before[0]).to(before[1])
+        grad_after = None if after is None else grad.sum_to_size(after[0]).to(after[1])
+        grad_x = grad_v.to(ctx.x_dtype)  # type: ignore[attr-defined]
         grad = grad.float()
         step_shape = ctx.step_shape  # type: ignore[attr-defined]
         reduce_dims = [d for d, size in enumerate(step_shape) if size == 1 and grad.shape[d] != 1]
-        grad_step = (grad * dstep).sum(dim=reduce_dims, keepdim=True) if reduce_dims else grad * dstep
+        grad_step = grad * dstep.float()
+        grad_step = grad_step.sum(dim=reduce_dims, keepdim=True) if reduce_dims else grad_step
         grad_step = (grad_step * ctx.grad_scale).to(ctx.step_dtype)  # type: ignore[attr-defined]
-        return grad_x, grad_step.reshape(step_shape), None, None, None
+        return grad_x, grad_step.reshape(step_shape), grad_before, grad_after, None, None, None
 
 
 def _scale_dims(granularity: str, ndim: int) -> tuple[int, ...]:
@@ -275,7 +292,7 @@ class LsqQuantizer(nn.Module):
 
     def quantize(self, x: torch.Tensor) -> torch.Tensor:
         """LSQ alone (no shifts); the step must be initialized."""
-        out: torch.Tensor = _LsqQuantize.apply(x, self.step, self.qn, self.qp, self.grad_scale(x))
+        out: torch.Tensor = _LsqQuantize.apply(x, self.step, None, None, self.qn, self.qp, self.grad_scale(x))
         return out
 
     def codes(self, x: torch.Tensor) -> torch.Tensor:
@@ -286,12 +303,10 @@ class LsqQuantizer(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.initialized:
             self.init_from(x)
-        if self.shift_before is not None:
-            x = x + self.shift_before
-        x = self.quantize(x)
-        if self.shift_after is not None:
-            x = x + self.shift_after
-        return x
+        out: torch.Tensor = _LsqQuantize.apply(
+            x, self.step, self.shift_before, self.shift_after, self.qn, self.qp, self.grad_scale(x)
+        )
+        return out
 
     def _load_from_state_dict(
         self,
