@@ -33,6 +33,9 @@ from ofq_ray.engine import build_optimizer, soft_cross_entropy
 from ofq_ray.models import create_model, get_spec, teacher_logits
 from ofq_ray.quant import QuantConfig, init_activation_scales, quantize_model
 
+HERE = os.path.dirname(os.path.abspath(__file__))
+DOCS = os.path.join(os.path.dirname(HERE), "docs")
+
 
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
@@ -199,12 +202,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--classes", type=int, default=None)
     parser.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None)
     parser.add_argument("--compile", action="store_true", help="also time torch.compile'd models")
-    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=9)
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--threads", type=int, default=None)
-    parser.add_argument("--quick", action="store_true", help="fewer rounds")
+    parser.add_argument("--quick", action="store_true", help="7 rounds of 4 steps (default 9 of 5)")
     parser.add_argument("--profile-rows", type=int, default=0, help="append a profiler table of the OFQ step")
+    parser.add_argument("--no-mlflow", action="store_true")
     parser.add_argument("--out", default=None, help="JSON path (default benchmarks/results/step_speed_<device>.json)")
     args = parser.parse_args(argv)
     gpu = args.device == "cuda"
@@ -213,19 +217,49 @@ def main(argv: list[str] | None = None) -> int:
     args.classes = args.classes or (1000 if gpu else 10)
     args.bf16 = gpu if args.bf16 is None else args.bf16
     if args.quick:
-        args.rounds, args.steps = 3, 3
+        args.rounds, args.steps = 7, 4
     result = run(args)
     print_table(result)
     if result["profile"]:
         print(result["profile"])
-    out = args.out or os.path.join(
-        os.path.dirname(os.path.abspath(__file__)), "results", f"step_speed_{args.device}.json"
-    )
+    out = args.out or os.path.join(HERE, "results", f"step_speed_{args.device}.json")
     os.makedirs(os.path.dirname(out), exist_ok=True)
     with open(out, "w") as handle:
         json.dump(result, handle, indent=2)
-    print(f"\nwrote {out}")
+    stem = os.path.splitext(os.path.basename(out))[0]
+    in_results = os.path.dirname(os.path.abspath(out)) == os.path.join(HERE, "results")
+    png = plot(result, os.path.join(DOCS, f"{stem}.png") if in_results else os.path.splitext(out)[0] + ".png")
+    print(f"\nwrote {out} and {png}")
+    if not args.no_mlflow:
+        try:  # a bare GPU machine may have only torch and timm
+            from _common import log_to_mlflow
+        except ImportError as error:
+            print(f"not logged to MLflow: {error}")
+        else:
+            params = {k: result[k] for k in ("device", "model", "batch", "bits", "qkr", "precision", "threads")}
+            log_to_mlflow("step_speed", params, result["ratios"], [out, png])
     return 0
+
+
+def plot(result: dict[str, Any], path: str) -> str:
+    """Bar chart of the median step time per variant, saved at ``path``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(result["step_s_median"])
+    figure, axis = plt.subplots(figsize=(8, 3.2))
+    colors = ["tab:blue" if name.startswith("ofq") else "gray" for name in names]
+    axis.barh(names, [1000 * result["step_s_median"][n] for n in names], color=colors)
+    axis.invert_yaxis()
+    axis.set_xlabel("ms per training step (median)")
+    axis.set_title(f"{result['model']} on {result['device']}, {result['precision']}, batch {result['batch']}")
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+    return path
 
 
 if __name__ == "__main__":

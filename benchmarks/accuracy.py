@@ -1,0 +1,141 @@
+"""Top-1 on Fashion-MNIST: FP, W4A4, W3A3, W2A2 (full OFQ) and the W2A2 ablation ladder
+LSQ -> StatsQ -> +QKR -> +CGA, over several seeds (mean and std).
+
+    python benchmarks/accuracy.py --quick      # subset, small ViT, 3 seeds, CPU (about 15 minutes)
+    python benchmarks/accuracy.py              # full data, more epochs
+
+Every quantized model starts from the same FP model of its seed, which is also its KD teacher, and
+trains the same steps; the score is the final top-1 (no picking of the best epoch).
+Prints a table, writes benchmarks/results/accuracy.json and docs/accuracy.png, logs to MLflow.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import itertools
+import statistics
+
+import torch
+from _common import (
+    fashion,
+    fp_model,
+    frozen_teacher,
+    log_to_mlflow,
+    machine,
+    quantized,
+    save_figure,
+    second_stage,
+    train,
+    write_json,
+)
+
+from ofq_ray.quant import CGA, QuantConfig
+
+# (label, quant config, run the CGA stage)
+ROWS = [
+    ("W4A4 OFQ", QuantConfig(weight_bits=4, act_bits=4), True),
+    ("W3A3 OFQ", QuantConfig(weight_bits=3, act_bits=3), True),
+    ("W2A2 LSQ", QuantConfig(weight_bits=2, act_bits=2, qkr=False, weight_quantizer="lsq"), False),
+    ("W2A2 StatsQ", QuantConfig(weight_bits=2, act_bits=2, qkr=False), False),
+    ("W2A2 StatsQ+QKR", QuantConfig(weight_bits=2, act_bits=2), False),
+    ("W2A2 StatsQ+QKR+CGA (OFQ)", QuantConfig(weight_bits=2, act_bits=2), True),
+]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--model", default="vit_fmnist_small")
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--no-mlflow", action="store_true")
+    args = parser.parse_args(argv)
+    train_subset, val_subset = (15000, 5000) if args.quick else (60000, 10000)
+    fp_epochs, qat_epochs, cga_epochs = (10, 5, 2) if args.quick else (30, 15, 5)
+    scores: dict[str, list[float]] = {"FP": []}
+    for seed in range(args.seeds):
+        data = fashion(train_subset, val_subset, 128, seed)
+        fp = fp_model(args.model, data, seed)
+        fp_run, _ = train(fp, data, epochs=fp_epochs, lr=2e-3, warmup_epochs=1)
+        scores["FP"].append(fp_run.last)
+        print(f"seed {seed} {'FP':<28} {fp_run.last:6.2f}", flush=True)
+        teacher = frozen_teacher(fp)
+        qat_done: dict[str, tuple] = {}
+        for label, config, use_cga in ROWS:
+            # Every row gets the same steps: QAT on a cosine schedule, then the second stage at the
+            # constant LR 1e-5 with the same optimizer, where only the OFQ rows apply CGA. So "+CGA"
+            # differs from "+QKR" by the CGA mask alone, not by extra training.
+            key = repr(config)
+            if key not in qat_done:
+                torch.manual_seed(seed)
+                model = quantized(fp, config, data)
+                _, optimizer = train(model, data, epochs=qat_epochs, lr=1e-3, teacher=teacher)
+                qat_done[key] = (copy.deepcopy(model), copy.deepcopy(optimizer.state_dict()))
+            model = copy.deepcopy(qat_done[key][0])
+            run = second_stage(
+                model,
+                data,
+                epochs=cga_epochs,
+                teacher=teacher,
+                optimizer=qat_done[key][1],
+                cga=CGA(model, 0.005) if use_cga else None,
+            )
+            scores.setdefault(label, []).append(run.last)
+            print(f"seed {seed} {label:<28} {run.last:6.2f}", flush=True)
+    table = {
+        label: {
+            "mean": statistics.mean(values),
+            "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+            "runs": values,
+        }
+        for label, values in scores.items()
+    }
+    print(f"\n{'model':<30}{'top-1 mean':>12}{'std':>8}")
+    for label, row in table.items():
+        print(f"{label:<30}{row['mean']:>12.2f}{row['std']:>8.2f}")
+    ladder = [table[label]["mean"] for label, *_ in ROWS[2:]]
+    checks = {
+        "w4a4_within_1_point_of_fp": table["FP"]["mean"] - table["W4A4 OFQ"]["mean"] <= 1.0,
+        "ladder_each_step_helps": all(b > a for a, b in itertools.pairwise(ladder)),
+    }
+    print("\nexpectations:", ", ".join(f"{k}: {'met' if v else 'MISSED'}" for k, v in checks.items()))
+    payload = {
+        "benchmark": "accuracy",
+        "quick": args.quick,
+        "model": args.model,
+        "machine": machine(),
+        "seeds": args.seeds,
+        "epochs": {"fp": fp_epochs, "qat": qat_epochs, "cga": cga_epochs},
+        "train_subset": train_subset,
+        "table": table,
+        "checks": checks,
+    }
+    path = write_json("accuracy", payload)
+    png = plot(table)
+    print(f"wrote {path} and {png}")
+    if not args.no_mlflow:
+        metrics = {label: row["mean"] for label, row in table.items()}
+        log_to_mlflow("accuracy", {"quick": args.quick, "model": args.model, "seeds": args.seeds}, metrics, [path, png])
+    return 0
+
+
+def plot(table: dict) -> str:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = list(table)
+    means = [table[label]["mean"] for label in labels]
+    stds = [table[label]["std"] for label in labels]
+    figure, axis = plt.subplots(figsize=(11, 4))
+    axis.bar(range(len(labels)), means, yerr=stds, capsize=4, color=["gray"] + ["tab:blue"] * (len(labels) - 1))
+    axis.set_xticks(range(len(labels)), labels, rotation=20, ha="right")
+    axis.set_ylim(min(means) - 5, max(means) + 2)
+    axis.set_ylabel("top-1 (%)")
+    axis.set_title("Fashion-MNIST top-1, mean and std over seeds")
+    return save_figure(figure, "accuracy")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,221 @@
+"""Writes the README's Results section from the benchmarks' JSON files (never hand-typed numbers).
+
+    python benchmarks/report.py            # rewrites README.md between the results markers
+    python benchmarks/report.py --check    # exits 1 if README.md is out of date with the JSON
+
+Reads benchmarks/results/{step_speed_*,oscillation,accuracy,sweep_efficiency}.json; a benchmark
+whose JSON is missing is listed as not run. Also draws docs/<name>.png for step_speed JSON files that
+have no plot yet (the GPU results come back from a bare machine without matplotlib output).
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import os
+import sys
+from typing import Any
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+RESULTS = os.path.join(HERE, "results")
+README = os.path.join(ROOT, "README.md")
+START, END = "<!-- results:start -->", "<!-- results:end -->"
+
+
+def _load(name: str) -> dict[str, Any] | None:
+    path = os.path.join(RESULTS, f"{name}.json")
+    if not os.path.exists(path):
+        return None
+    with open(path) as handle:
+        data: dict[str, Any] = json.load(handle)
+    return data
+
+
+def _verdict(ok: bool) -> str:
+    return "met" if ok else "**missed**"
+
+
+def _mode(payload: dict[str, Any]) -> str:
+    return "`--quick`" if payload.get("quick") else "full mode"
+
+
+def step_speed_section() -> list[str]:
+    lines = ["### Step speed (`benchmarks/step_speed.py`)", ""]
+    files = sorted(glob.glob(os.path.join(RESULTS, "step_speed_*.json")))
+    if not files:
+        return [*lines, "Not run yet.", ""]
+    lines += [
+        "Median training step (forward + backward + AdamW, the KD teacher's forward included), OFQ W2A2 "
+        "with QKR against the same FP model, alternating in one process. Targets: OFQ+KD / FP+KD at "
+        "most 1.5 on CPU, at most 1.3 on GPU with peak memory at most 1.5x.",
+        "",
+        "| run | device | model, precision, batch | FP+KD ms | OFQ+KD ms | ratio | target | peak mem ratio |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for path in files:
+        with open(path) as handle:
+            data = json.load(handle)
+        stem = os.path.splitext(os.path.basename(path))[0]
+        gpu = "cuda" in stem
+        median = data["step_s_median"]
+        setup = f"{data['model']}, {data['precision']}, {data['batch']}" + ("" if data["qkr"] else ", QKR off")
+        for compiled in ("", " compiled"):
+            if f"ofq+kd{compiled}" not in median:
+                continue
+            ratio = median[f"ofq+kd{compiled}"] / median[f"fp+kd{compiled}"]
+            limit = 1.3 if gpu else 1.5
+            memory = data["peak_memory_mib"].get(f"ofq+kd{compiled}")
+            base = data["peak_memory_mib"].get(f"fp+kd{compiled}")
+            memory_ratio = f"{memory / base:.2f}" if memory and base else "-"
+            lines.append(
+                f"| {stem}{' (torch.compile)' if compiled else ''} | {data['device']} ({data['threads']} threads) "
+                f"| {setup} | {1000 * median[f'fp+kd{compiled}']:.1f} | {1000 * median[f'ofq+kd{compiled}']:.1f} "
+                f"| {ratio:.2f} | {_verdict(ratio <= limit)} (<= {limit}) | {memory_ratio} |"
+            )
+        png = os.path.join(ROOT, "docs", f"{stem}.png")
+        if not os.path.exists(png):
+            sys.path.insert(0, HERE)
+            from step_speed import plot
+
+            plot(data, png)
+    lines += ["", "![step speed, CPU](docs/step_speed_cpu.png)", ""]
+    return lines
+
+
+def oscillation_section() -> list[str]:
+    data = _load("oscillation")
+    lines = ["### Weight oscillation at W2A2 (`benchmarks/oscillation.py`)", ""]
+    if data is None:
+        return [*lines, "Not run yet.", ""]
+    epochs = data["epochs"]
+    lines += [
+        f"{_mode(data)}, {data['model']}, FP teacher {data['fp_top1']:.2f} %. Each variant: {epochs['qat']} QAT "
+        f"epochs (cosine from 1e-3, KD), then {epochs['cga']} epochs at the constant LR 1e-5 with the same "
+        "optimizer, where only the last variant applies CGA (BR 0.005). Oscillation per the spec's section 6 "
+        "(EMA momentum 0.01) over every low-bit block weight (the merged QKR product included); "
+        '"near a threshold" is the share of unclipped weights within 0.05 steps of a rounding threshold '
+        "at the end of QAT.",
+        "",
+        "| variant | top-1 | mean f, end of QAT | mean f, end | frac f > 0.005 | frac f > 0.01 "
+        "| flips per step, end | near a threshold |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    qat = epochs["qat"]
+    for label, history in data["variants"].items():
+        end_qat, last = history[qat - 1], history[-1]
+        near = data.get("near_threshold_end_of_qat", {}).get(label)
+        lines.append(
+            f"| {label} | {last['val/top1']:.2f} | {end_qat['osc/mean_freq']:.2e} | {last['osc/mean_freq']:.2e} "
+            f"| {last['osc/frac_gt_0.005']:.4f} | {last['osc/frac_gt_0.01']:.4f} | {last['osc/flip_rate']:.2e} "
+            f"| {'-' if near is None else f'{100 * near:.2f} %'} |"
+        )
+    lines += ["", "| CGA boundary range | frozen at the end | top-1 | scale change over the stage |"]
+    lines += ["|---|---|---|---|"]
+    for boundary, trajectory in data["cga_trajectories"].items():
+        steps = trajectory["steps"]
+        names = sorted(steps[0]) if steps else []
+        change = sum(steps[-1][n] / steps[0][n] - 1 for n in names) * 100 / len(names) if names else float("nan")
+        lines.append(
+            f"| {boundary} | {100 * trajectory['frozen_frac'][-1]:.2f} % | {trajectory['top1'][-1]:.2f} "
+            f"| {change:+.4f} % |"
+        )
+    lines += ["", "![oscillation](docs/oscillation.png)", ""]
+    return lines
+
+
+def accuracy_section() -> list[str]:
+    data = _load("accuracy")
+    lines = ["### Accuracy ladder (`benchmarks/accuracy.py`)", ""]
+    if data is None:
+        return [*lines, "Not run yet.", ""]
+    epochs = data["epochs"]
+    lines += [
+        f"{_mode(data)}, {data['model']} on {data['train_subset']} Fashion-MNIST training images, "
+        f"{data['seeds']} seeds. FP: {epochs['fp']} epochs; every quantized row: {epochs['qat']} QAT epochs with "
+        f"KD from its seed's FP model, then {epochs['cga']} epochs at LR 1e-5 (CGA only in the OFQ rows). "
+        "Final-epoch test top-1.",
+        "",
+        "| model | top-1 mean | std | runs |",
+        "|---|---|---|---|",
+    ]
+    for label, row in data["table"].items():
+        runs = ", ".join(f"{value:.2f}" for value in row["runs"])
+        lines.append(f"| {label} | {row['mean']:.2f} | {row['std']:.2f} | {runs} |")
+    lines += [""]
+    for check, ok in data["checks"].items():
+        lines.append(f"- expectation `{check}`: {_verdict(ok)}")
+    lines += ["", "![accuracy](docs/accuracy.png)", ""]
+    return lines
+
+
+def sweep_section() -> list[str]:
+    data = _load("sweep_efficiency")
+    lines = ["### Sweep efficiency (`benchmarks/sweep_efficiency.py`)", ""]
+    if data is None:
+        return [*lines, "Not run yet.", ""]
+    results, ratios, targets = data["results"], data["ratios"], data["targets"]
+    n = len(next(iter(results.values()))["trials"])
+    lines += [
+        f"{_mode(data)}: the same {n} seeded random configurations (W2A2 QAT, lr and weight decay), "
+        "run once to the full budget and once under ASHA, 2 trials at a time on local Ray.",
+        "",
+        "| schedule | best top-1 | trial-epochs | stopped | wall s |",
+        "|---|---|---|---|---|",
+    ]
+    for label, row in results.items():
+        lines.append(
+            f"| {label} | {row['best_top1']:.2f} | {row['trial_epochs']} | {row['stopped']} | {row['wall_s']:.0f} |"
+        )
+    lines += [
+        "",
+        f"- ASHA's best is {ratios['top1_gap_points']:.2f} points below the full budget's "
+        f"(target <= 0.3: {_verdict(targets['within_0.3_points'])})",
+        f"- with {100 * ratios['trial_epoch_fraction']:.0f} % of the trial-epochs "
+        f"(target <= 40 %: {_verdict(targets['at_most_40pct_epochs'])}) and "
+        f"{100 * ratios['wall_fraction']:.0f} % of the wall time",
+        "",
+        "![sweep efficiency](docs/sweep_efficiency.png)",
+        "",
+    ]
+    return lines
+
+
+def render() -> str:
+    lines = [
+        START,
+        "<!-- generated by `python benchmarks/report.py` from benchmarks/results/*.json; do not edit -->",
+        "",
+    ]
+    for section in (step_speed_section, oscillation_section, accuracy_section, sweep_section):
+        lines += section()
+    lines.append(END)
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--check", action="store_true", help="fail if README.md is out of date")
+    args = parser.parse_args(argv)
+    with open(README) as handle:
+        text = handle.read()
+    if START not in text or END not in text:
+        print(f"README.md: the markers {START} and {END} are missing", file=sys.stderr)
+        return 2
+    head, rest = text.split(START, 1)
+    tail = rest.split(END, 1)[1]
+    updated = head + render() + tail
+    if args.check:
+        if updated != text:
+            print("README.md results are out of date: run python benchmarks/report.py", file=sys.stderr)
+            return 1
+        return 0
+    with open(README, "w") as handle:
+        handle.write(updated)
+    print("README.md results updated")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
