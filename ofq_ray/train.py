@@ -341,6 +341,16 @@ def _kill_hook(spec: dict[str, Any] | None, rank: int) -> Any:
     return hook
 
 
+def _quiet_ray_train_reports() -> None:
+    """Ray Train V2 logs every ``ray.train.report`` at INFO (the whole metrics dict, once per epoch and
+    worker) under a logger named by its source file, which ``LoggingConfig`` does not reach."""
+    try:
+        from ray.train.v2._internal.execution import context as train_context
+    except ImportError:  # another Ray layout: leave its logging alone
+        return
+    logging.getLogger(train_context.__file__).setLevel(logging.WARNING)
+
+
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     """The per-worker loop Ray Train runs (also usable in-process with ``num_workers=0``)."""
     import ray
@@ -352,6 +362,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     from .quant.oscillation import OscillationTracker
     from .tracking import RunTracker
 
+    _quiet_ray_train_reports()
     config = config_from_dict(loop_config["config"])
     info = DatasetInfo(**loop_config["data_info"])
     context = ray.train.get_context()
