@@ -94,17 +94,14 @@ def train(
     start = time.time()
     soft = (lambda images: teacher_logits(teacher, images)) if teacher is not None else None
 
-    class _Hooked:  # step-level hook around the optimizer step (scale trajectories)
-        def __init__(self) -> None:
-            self.inner = tracker
-
+    class _AfterStep:  # what the engine calls after each optimizer step: the tracker, then the hook
         def update(self) -> None:
-            if self.inner is not None:
-                self.inner.update()
+            if tracker is not None:
+                tracker.update()
             if step_hook is not None:
                 run.steps.append(step_hook())
 
-    hooked = _Hooked() if (tracker is not None or step_hook is not None) else None
+    hooked = _AfterStep() if (tracker is not None or step_hook is not None) else None
     for epoch in range(epochs):
         train_loader.set_epoch(epoch)
         metrics = train_one_epoch(
@@ -198,11 +195,17 @@ def machine() -> dict[str, Any]:
     }
 
 
-def write_json(name: str, payload: dict[str, Any], out: str | None = None) -> str:
-    path = out or os.path.join(RESULTS, f"{name}.json")
-    os.makedirs(os.path.dirname(path), exist_ok=True)
+def publish(
+    name: str, payload: dict[str, Any], png: str, *, mlflow: bool, params: dict[str, Any], metrics: dict[str, float]
+) -> str:
+    """Writes benchmarks/results/<name>.json and, with ``mlflow``, logs it and the plot ``png``."""
+    path = os.path.join(RESULTS, f"{name}.json")
+    os.makedirs(RESULTS, exist_ok=True)
     with open(path, "w") as handle:
         json.dump(payload, handle, indent=2, default=float)
+    print(f"wrote {path} and {png}")
+    if mlflow:
+        log_to_mlflow(name, params, metrics, [path, png])
     return path
 
 

@@ -21,13 +21,12 @@ from _common import (
     fashion,
     fp_model,
     frozen_teacher,
-    log_to_mlflow,
     machine,
+    publish,
     quantized,
     save_figure,
     second_stage,
     train,
-    write_json,
 )
 
 from ofq_ray.quant import CGA, QuantConfig
@@ -110,12 +109,14 @@ def main(argv: list[str] | None = None) -> int:
         "table": table,
         "checks": checks,
     }
-    path = write_json("accuracy", payload)
-    png = plot(table)
-    print(f"wrote {path} and {png}")
-    if not args.no_mlflow:
-        metrics = {label: row["mean"] for label, row in table.items()}
-        log_to_mlflow("accuracy", {"quick": args.quick, "model": args.model, "seeds": args.seeds}, metrics, [path, png])
+    publish(
+        "accuracy",
+        payload,
+        plot(table),
+        mlflow=not args.no_mlflow,
+        params={"quick": args.quick, "model": args.model, "seeds": args.seeds},
+        metrics={label: row["mean"] for label, row in table.items()},
+    )
     return 0
 
 

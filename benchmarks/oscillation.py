@@ -17,13 +17,12 @@ from _common import (
     fashion,
     fp_model,
     frozen_teacher,
-    log_to_mlflow,
     machine,
+    publish,
     quantized,
     save_figure,
     second_stage,
     train,
-    write_json,
 )
 
 from ofq_ray.quant import CGA, OscillationTracker, QuantConfig, StatsQuantizer
@@ -142,14 +141,16 @@ def main(argv: list[str] | None = None) -> int:
         "near_threshold_end_of_qat": near,
         "cga_trajectories": trajectories,
     }
-    path = write_json("oscillation", payload)
-    png = plot(payload)
-    print(f"wrote {path} and {png}")
-    if not args.no_mlflow:
-        metrics = {
+    publish(
+        "oscillation",
+        payload,
+        plot(payload),
+        mlflow=not args.no_mlflow,
+        params={"quick": args.quick, "model": args.model},
+        metrics={
             f"{k}/{m}": v[-1][m] for k, v in variants.items() for m in ("val/top1", "osc/mean_freq", "osc/flip_rate")
-        }
-        log_to_mlflow("oscillation", {"quick": args.quick, "model": args.model}, metrics, [path, png])
+        },
+    )
     return 0
 
 

@@ -15,7 +15,7 @@ import argparse
 import os
 import time
 
-from _common import log_to_mlflow, machine, save_figure, write_json
+from _common import machine, publish, save_figure
 
 from ofq_ray.tune import run_sweep, sweep_from_dict
 
@@ -97,11 +97,14 @@ def main(argv: list[str] | None = None) -> int:
         "ratios": ratios,
         "targets": targets,
     }
-    path = write_json("sweep_efficiency", payload)
-    png = plot(results)
-    print(f"wrote {path} and {png}")
-    if not args.no_mlflow:
-        log_to_mlflow("sweep_efficiency", {"quick": args.quick}, ratios, [path, png])
+    publish(
+        "sweep_efficiency",
+        payload,
+        plot(results),
+        mlflow=not args.no_mlflow,
+        params={"quick": args.quick},
+        metrics=ratios,
+    )
     return 0
 
 
