@@ -35,6 +35,9 @@ def _spec(
 @dataclass
 class ModelConfig:
     name: str = "vit_fmnist"
+    # Float weights the first stage of a chain starts from (and, for qat without kd.teacher, the
+    # teacher): timm's hub (pretrained) or a local .pth/.safetensors file (pretrained_path, which wins).
+    # A stage with init_from starts from that checkpoint instead.
     pretrained: bool = False
     pretrained_path: str | None = None
     drop_path_rate: float = field(default=0.0, metadata=_spec(low=0.0, high=1.0))
@@ -139,13 +142,23 @@ class RunConfig:
             raise ConfigError(
                 "init_from: None is not allowed for stage cga; allowed: a QAT checkpoint path or MLflow URI"
             )
-        if self.stage == "qat" and self.kd.enabled and self.kd.teacher is None and self.init_from is None:
+        if (
+            self.stage == "qat"
+            and self.kd.enabled
+            and self.kd.teacher is None
+            and self.init_from is None
+            and not self.has_pretrained
+        ):
             raise ConfigError(
-                "kd.teacher: None is not allowed when kd.enabled and init_from is None; "
-                "allowed: an FP checkpoint path or MLflow URI (or set kd.enabled=false)"
+                "kd.teacher: None is not allowed when kd.enabled and neither init_from nor model.pretrained(_path) "
+                "is set; allowed: an FP checkpoint path or MLflow URI (or set kd.enabled=false)"
             )
         if self.stage == "cga" and self.quant.weight_quantizer != "statsq":
             raise ConfigError("quant.weight_quantizer: CGA needs 'statsq'; allowed: statsq")
+
+    @property
+    def has_pretrained(self) -> bool:
+        return self.model.pretrained or self.model.pretrained_path is not None
 
     @property
     def quantized(self) -> bool:

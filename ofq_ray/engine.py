@@ -97,9 +97,16 @@ def training_loss(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Loss and the logits to score. Two-head students: CE on the class head + soft CE of the
     distillation head against the teacher; one head: CE + soft CE on the same logits. Without a
-    teacher both heads learn the labels."""
+    teacher both heads learn the labels.
+
+    ``targets`` are class indices (then ``label_smoothing`` applies here) or, under mixup/cutmix,
+    per-class probabilities that timm's ``Mixup`` has already smoothed: those go to a soft-target
+    cross-entropy as they are, so smoothing happens once (timm's ``SoftTargetCrossEntropy``).
+    """
 
     def hard(logits: torch.Tensor) -> torch.Tensor:
+        if targets.is_floating_point():
+            return torch.sum(-targets.float() * logits.float().log_softmax(dim=-1), dim=-1).mean()
         return F.cross_entropy(logits.float(), targets, label_smoothing=label_smoothing)
 
     if isinstance(output, tuple):

@@ -30,7 +30,7 @@ from .checkpoint import (
 from .config import ConfigError, RunConfig, config_from_dict
 from .data import DatasetInfo, build_datasets, build_loader
 from .engine import LRSchedule, build_optimizer, evaluate, train_one_epoch, unwrap
-from .models import _read_state_dict, get_spec, teacher_logits
+from .models import _read_state_dict, create_model, get_spec, load_pretrained, teacher_logits
 
 URI_SCHEMES = ("runs:/", "models:/", "mlflow-artifacts:/")
 
@@ -128,10 +128,47 @@ class Sources:
     teacher_source: str | None = None
 
 
-def prepare_sources(config: RunConfig, tracking_uri: str) -> tuple[dict[str, Any], str | None]:
-    """Reads init/teacher sources in the driver; returns plain dicts (to ray.put) and the teacher source."""
+PRETRAINED = "pretrained:"  # teacher source prefix: the float weights of model.pretrained(_path)
+
+
+def pretrained_weights(config: RunConfig, info: DatasetInfo, source: str, *, teacher: bool = False) -> Any:
+    """The float state dict of ``config.model`` with pretrained weights (``source``: a file, or ``timm`` for
+    timm's hub). Heads whose class count differs start fresh (seeded), which a teacher cannot do."""
+    with torch.random.fork_rng():
+        torch.manual_seed(config.seed)
+        try:
+            if source == "timm":
+                model = create_model(
+                    config.model.name, info.num_classes, in_chans=info.in_chans, img_size=info.img_size, pretrained=True
+                )
+                classes = getattr(model, "pretrained_cfg", {}).get("num_classes", info.num_classes)
+                fresh_head = classes != info.num_classes
+            else:
+                model = create_model(config.model.name, info.num_classes, in_chans=info.in_chans, img_size=info.img_size)
+                fresh_head = bool(load_pretrained(model, source))
+        except ValueError as error:
+            raise ConfigError(str(error)) from None
+    if teacher and fresh_head:
+        raise ConfigError(
+            f"kd.teacher: the pretrained weights ({source}) have no head for {info.num_classes} classes; "
+            "allowed: an FP checkpoint trained on this data as kd.teacher (or kd.enabled=false)"
+        )
+    return model.state_dict()
+
+
+def prepare_sources(config: RunConfig, tracking_uri: str, info: DatasetInfo) -> tuple[dict[str, Any], str | None]:
+    """Reads init/teacher sources in the driver; returns plain dicts (to ray.put) and the teacher source.
+
+    A pretrain or qat stage without ``init_from`` starts from ``model.pretrained(_path)`` when set, and
+    a qat stage takes its teacher from there unless ``kd.teacher`` names one.
+    """
     out: dict[str, Any] = {}
     teacher_source = config.kd.teacher
+    if config.init_from is None and config.stage != "cga" and config.has_pretrained:
+        source = os.path.abspath(config.model.pretrained_path) if config.model.pretrained_path else "timm"
+        out["init_weights"] = pretrained_weights(config, info, source)
+        if config.stage == "qat" and config.kd.enabled:
+            teacher_source = teacher_source or PRETRAINED + source
     if config.init_from is not None:
         path = resolve_source(config.init_from, tracking_uri, "init_from")
         if config.stage == "cga":
@@ -153,9 +190,13 @@ def prepare_sources(config: RunConfig, tracking_uri: str) -> tuple[dict[str, Any
     if config.stage != "pretrain" and config.kd.enabled:
         if teacher_source is None:
             raise ConfigError("kd.teacher: no teacher found; allowed: an FP checkpoint path or MLflow URI")
-        out["teacher_weights"] = _float_weights(
-            resolve_source(teacher_source, tracking_uri, "kd.teacher"), "kd.teacher"
-        )
+        if teacher_source.startswith(PRETRAINED):
+            source = teacher_source[len(PRETRAINED) :]
+            out["teacher_weights"] = pretrained_weights(config, info, source, teacher=True)
+        else:
+            out["teacher_weights"] = _float_weights(
+                resolve_source(teacher_source, tracking_uri, "kd.teacher"), "kd.teacher"
+            )
     return out, teacher_source
 
 
@@ -226,7 +267,7 @@ def run_training(
     runs_dir = os.path.abspath(config.runs_dir)
     tracking_uri = resolve_tracking_uri(config.tracking.uri, runs_dir)
     info = dataset_info(config)
-    sources, teacher_source = prepare_sources(config, tracking_uri)
+    sources, teacher_source = prepare_sources(config, tracking_uri, info)
     ensure_ray(address)
     check_resources(config)
 
@@ -400,7 +441,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
     torch.manual_seed(config.seed)  # identical initial weights on every rank
     model = build_model(config, info.num_classes, info.in_chans, info.img_size, quantized=False)
-    if config.stage == "qat" and "init_weights" in sources:
+    if config.stage in ("pretrain", "qat") and "init_weights" in sources:  # float weights
         load_model_state(model, sources["init_weights"], config.init_from or "init_from")
     if config.quantized:
         quantize_model(model, config.quant)

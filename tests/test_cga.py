@@ -144,7 +144,7 @@ def test_cga_covers_every_statsq_block_weight_and_rejects_bad_settings() -> None
         CGA(model, 0.5)
     with pytest.raises(ValueError, match=r"^cga.boundary_range: 0.7 is not allowed"):
         cga.boundary_range = 0.7
-    lsq, _, _ = _tiny_vit(QuantConfig(weight_bits=2, act_bits=2, weight_quantizer="lsq"))
+    lsq, _, _ = _tiny_vit(QuantConfig(weight_bits=2, act_bits=2, qkr=False, weight_quantizer="lsq"))
     with pytest.raises(
         ValueError, match=r"^cga: the model has no StatsQ weights; CGA needs quant.weight_quantizer=statsq$"
     ):

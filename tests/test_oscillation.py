@@ -174,10 +174,10 @@ def test_constructor_rejects_bad_settings(kwargs: dict[str, object], message: st
         OscillationTracker(_TwoLayers(), **kwargs)  # type: ignore[arg-type]
 
 
-@pytest.mark.parametrize("weight_quantizer", ["statsq", "lsq"])
-def test_tracks_every_block_weight_of_a_quantized_vit(weight_quantizer: str) -> None:
+@pytest.mark.parametrize(("weight_quantizer", "qkr"), [("statsq", True), ("lsq", False)])
+def test_tracks_every_block_weight_of_a_quantized_vit(weight_quantizer: str, qkr: bool) -> None:
     model = make_tiny_vit()
-    quantize_model(model, QuantConfig(weight_bits=2, act_bits=2, weight_quantizer=weight_quantizer))
+    quantize_model(model, QuantConfig(weight_bits=2, act_bits=2, qkr=qkr, weight_quantizer=weight_quantizer))
     images, targets = torch.randn(8, 1, 32, 32), torch.randint(0, 10, (8,))
     init_activation_scales(model, images)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
@@ -193,7 +193,8 @@ def test_tracks_every_block_weight_of_a_quantized_vit(weight_quantizer: str) -> 
         with_first_last.update()
 
     summary = tracker.summary()
-    leaves = ("attn.merged_qk", "attn.v.weight", "attn.proj.weight", "mlp.fc1.weight", "mlp.fc2.weight")
+    attention = ("attn.merged_qk", "attn.v.weight") if qkr else ("attn.qkv.weight",)
+    leaves = (*attention, "attn.proj.weight", "mlp.fc1.weight", "mlp.fc2.weight")
     assert set(summary["layers"]) == {f"blocks.{i}.{leaf}" for i in range(2) for leaf in leaves}
     assert set(with_first_last.summary()["layers"]) == set(summary["layers"]) | {
         "patch_embed.proj.weight",

@@ -14,9 +14,9 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from ofq_ray.checkpoint import CheckpointError, model_from_checkpoint, read_checkpoint
-from ofq_ray.config import load_config
+from ofq_ray.config import ConfigError, load_config
 from ofq_ray.tracking import RunTracker
-from ofq_ray.train import TrainingResult, run_training
+from ofq_ray.train import TrainingResult, dataset_info, prepare_sources, run_training
 
 pytestmark = pytest.mark.integration
 
@@ -116,6 +116,62 @@ def test_qat_with_kd_then_cga_chain(pretrained: TrainingResult, runs_dir: Path) 
     assert state["teacher_source"].startswith("runs:/")  # the QAT stage's teacher carried over
     model, _ = model_from_checkpoint(cga.last_checkpoint)  # type: ignore[arg-type]
     assert any("merged_quantizer" in name or "qkx_quantizer" in name for name in model.state_dict())
+
+
+def test_runs_start_from_model_pretrained_path_and_qat_distils_from_it(
+    pretrained: TrainingResult, runs_dir: Path, tmp_path: Path
+) -> None:
+    # A plain timm-style weights file ({"model": state_dict}) holding the FP fixture's best weights.
+    weights = tmp_path / "fp.pth"
+    torch.save({"model": read_checkpoint(pretrained.best_checkpoint)["model_state"]}, weights)  # type: ignore[arg-type]
+    # At lr 1e-9 one epoch cannot move the weights: the first eval is the file's model.
+    still = run_training(
+        config(
+            runs_dir,
+            stage="pretrain",
+            epochs=1,
+            model__pretrained_path=str(weights),
+            optim__lr=1e-9,
+            optim__min_lr=0.0,
+            optim__weight_decay=0.0,
+            tracking__experiment="pretrained-path",
+        )
+    )
+    assert still.last["val/loss"] == pytest.approx(pretrained.best["val/loss"], rel=1e-4)
+    assert still.last["val/top1"] == pytest.approx(pretrained.best["val/top1"], abs=0.5)
+    # QAT with no init_from and no kd.teacher: starts from the file and distils from it.
+    qat = run_training(
+        config(
+            runs_dir,
+            stage="qat",
+            epochs=1,
+            model__pretrained_path=str(weights),
+            quant={"weight_bits": 4, "act_bits": 4},
+            optim__lr=1e-4,
+            tracking__experiment="pretrained-path",
+        )
+    )
+    assert qat.last["val/top1"] > pretrained.best["val/top1"] - 15.0  # a random start scores ~10 %
+    state = read_checkpoint(qat.last_checkpoint)  # type: ignore[arg-type]
+    assert state["teacher_source"] == f"pretrained:{weights}"
+
+
+def test_pretrained_weights_without_a_head_for_these_classes_cannot_teach(tmp_path: Path) -> None:
+    from ofq_ray.models import create_model
+
+    weights = tmp_path / "other-classes.pth"
+    torch.save(create_model("vit_digits", num_classes=7).state_dict(), weights)
+    cfg = config(tmp_path, stage="qat", model__pretrained_path=str(weights), quant={"weight_bits": 4})
+    info = dataset_info(cfg)
+    with pytest.raises(ConfigError, match=r"^kd.teacher: the pretrained weights .* have no head for 10 classes"):
+        prepare_sources(cfg, "sqlite:///unused.db", info)
+    # Without KD the same file is a fine starting point: its head starts fresh, the rest is the file's.
+    cfg = config(tmp_path, stage="qat", model__pretrained_path=str(weights), kd__enabled=False)
+    sources, teacher = prepare_sources(cfg, "sqlite:///unused.db", info)
+    assert teacher is None and "teacher_weights" not in sources
+    file_state = torch.load(weights, weights_only=True)
+    assert torch.equal(sources["init_weights"]["blocks.0.mlp.fc1.weight"], file_state["blocks.0.mlp.fc1.weight"])
+    assert sources["init_weights"]["head.weight"].shape == (10, file_state["head.weight"].shape[1])
 
 
 def test_a_killed_worker_resumes_from_the_last_checkpoint(

@@ -2,7 +2,9 @@
 
 With QKR (query-key reparameterization) the per-head product ``M_h = W_q^h^T W_k^h`` ([C, C]) is
 formed in float, quantized as one weight, and the logits become ``x_n^T Q(M_h) x_m`` with the
-``M_h x_m`` product ("qkx") quantized as an activation. Without QKR, q and k are quantized separately.
+``M_h x_m`` product ("qkx") quantized as an activation. Without QKR, q and k are quantized separately
+(one step per token, learnable shifts before and after): that is also the paper's LSQ baseline when
+the weights use LSQ.
 The order is always: quantized matmul, then the ``head_dim ** -0.5`` scaling, then (Swin) the
 relative-position bias and window mask, a float softmax, and an unsigned quantization of the
 probabilities.
@@ -25,6 +27,13 @@ def _token_quantizer(bits: int | None, features: int) -> LsqQuantizer | None:
     return LsqQuantizer(bits, signed=True, granularity="token", shift_shape=(features,))
 
 
+def _head_quantizer(bits: int | None, heads: int, head_dim: int) -> LsqQuantizer | None:
+    """Quantizer for q or k laid out [B, H, N, d]: per token, shifts over the H*d features."""
+    if bits is None:
+        return None
+    return LsqQuantizer(bits, signed=True, granularity="query", shift_shape=(heads, 1, head_dim))
+
+
 class QuantAttention(nn.Module):
     """Multi-head self-attention with OFQ quantization, built from a timm attention's layers.
 
@@ -35,7 +44,7 @@ class QuantAttention(nn.Module):
         qkv: the fused [3A, C] projection to split (its parameters are reused or copied).
         proj: the output projection (reused).
         weight_bits / act_bits: widths, or None to keep that side in float.
-        weight_quantizer: ``"statsq"`` or ``"lsq"``.
+        weight_quantizer: ``"statsq"`` or ``"lsq"`` (LSQ only without QKR, as the paper's baseline).
         qkr: merge W_q and W_k per head (OFQ) instead of quantizing q and k separately.
         keep_query_bias: with QKR, keep the part of the query bias that depends on the key token
             (``b_q^T W_k x_m``), so that QKR is exact in float for a pretrained model with biases.
@@ -94,8 +103,10 @@ class QuantAttention(nn.Module):
             )
         else:
             self.qkv = QLinear(qkv, weight_q(qkv.weight), None)
-            self.q_quantizer = None if act_bits is None else LsqQuantizer(act_bits, granularity="query")
-            self.k_quantizer = None if act_bits is None else LsqQuantizer(act_bits, granularity="query")
+            # q and k ([B, H, N, d]): one step per token, shared over batch and heads, and learnable
+            # per-feature shifts before and after, as the reference (and as v below).
+            self.q_quantizer = _head_quantizer(act_bits, num_heads, head_dim)
+            self.k_quantizer = _head_quantizer(act_bits, num_heads, head_dim)
         self.v_quantizer = (
             None
             if act_bits is None

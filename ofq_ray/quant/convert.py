@@ -9,7 +9,7 @@ from typing import Any, cast
 import torch
 from timm.layers import Mlp, PatchEmbed, trunc_normal_
 from timm.layers.attention import Attention
-from timm.models.swin_transformer import PatchMerging, SwinTransformer, WindowAttention
+from timm.models.swin_transformer import PatchMerging, SwinTransformer, SwinTransformerBlock, WindowAttention
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
@@ -33,7 +33,8 @@ class QuantConfig:
         qkr: query-key reparameterization (merge W_q^T W_k per head and quantize the product).
         first_last_bits: width of the patch embedding and classifier heads (LSQ weights and inputs),
             2..8, or None to keep them in float.
-        weight_quantizer: ``"statsq"`` (OFQ) or ``"lsq"`` (learnable-step baseline).
+        weight_quantizer: ``"statsq"`` (OFQ) or ``"lsq"`` (the paper's learnable-step baseline, which
+            has no QKR: ``lsq`` needs ``qkr: false``).
         faithful: reproduce the reference implementation's quirks (random ``proj`` init, dropped q/k
             biases, re-initialized Swin position tables, CGA that skips the QKR product) so that paper
             numbers can be compared like for like. The default fixes them.
@@ -59,6 +60,13 @@ class QuantConfig:
             raise ValueError(
                 f"quant.weight_quantizer: {self.weight_quantizer!r} is not allowed; "
                 f"allowed: {', '.join(WEIGHT_QUANTIZERS)}{hint}"
+            )
+        if self.weight_quantizer == "lsq" and self.qkr and self.weight_bits is not None:
+            # The paper's LSQ baseline ignores QKR and quantizes q and k separately; LSQ on the merged
+            # W_q^T W_k product is no baseline of the paper's, so it is not offered.
+            raise ValueError(
+                "quant.qkr: true is not allowed with quant.weight_quantizer 'lsq'; allowed: false "
+                "(the paper's LSQ baseline quantizes q and k separately)"
             )
 
     def to_dict(self) -> dict[str, Any]:
@@ -226,10 +234,32 @@ def quantize_model(model: nn.Module, config: QuantConfig) -> nn.Module:
             new = handler(module, config)
             if new is not module:
                 _set_submodule(model, name, new)
+    if config.faithful and isinstance(model, SwinTransformer):
+        _reference_swin_granularity(model)
     # New quantizer parameters are created on the CPU: follow the model's device and dtype.
     model.to(device=reference.device, dtype=reference.dtype)
     model.ofq_config = config  # type: ignore[assignment]
     return model
+
+
+def _reference_swin_granularity(model: SwinTransformer) -> None:
+    """The reference's Swin keeps feature maps NHWC, where its per-token LSQ reads ``x.shape[-2]``: the
+    MLP (fc1, fc2) and patch-merging inputs get one step per W column, shared over batch, rows and
+    channels, with the gradient scale counting B*H*C. The fixed default keeps one step per token (per
+    pixel), as every ViT layer has; ``faithful`` restores the column form.
+    """
+    for module in model.modules():
+        linears: list[tuple[QLinear, tuple[int, int] | None]] = []
+        if isinstance(module, SwinTransformerBlock):
+            resolution = module.input_resolution
+            grid = (resolution, resolution) if isinstance(resolution, int) else tuple(resolution)
+            linears = [(module.mlp.fc1, grid), (module.mlp.fc2, grid)]  # type: ignore[list-item]
+        elif isinstance(module, PatchMerging):
+            linears = [(module.reduction, None)]  # type: ignore[list-item]  # its input is NHWC already
+        for linear, grid in linears:
+            if isinstance(linear, QLinear) and linear.input_quantizer is not None:
+                linear.input_quantizer.granularity = "column"
+                linear.input_grid = grid  # type: ignore[assignment]
 
 
 def set_data_parallel_replicas(model: nn.Module, replicas: int) -> None:

@@ -46,7 +46,12 @@ class QLinear(nn.Module):
 
     The ``weight``/``bias`` parameter objects are shared with the layer it was built from, so
     pretrained values (and timm's state-dict names) carry over.
+
+    ``input_grid = (H, W)`` makes the input quantizer see a ``[B, H*W, C]`` input as the NHWC map
+    ``[B, H, W, C]`` it comes from (the reference runs Swin's MLP on NHWC tensors).
     """
+
+    input_grid: tuple[int, int] | None = None
 
     def __init__(
         self,
@@ -69,8 +74,17 @@ class QLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.input_quantizer is not None:
-            x = self.input_quantizer(x)
+            x = self.input_quantizer(x) if self.input_grid is None else self._quantize_on_grid(x)
         return F.linear(x, self.quantized_weight(), self.bias)
+
+    def _quantize_on_grid(self, x: torch.Tensor) -> torch.Tensor:
+        assert self.input_quantizer is not None and self.input_grid is not None
+        height, width = self.input_grid
+        if x.dim() != 3 or x.shape[1] != height * width:
+            raise ValueError(f"model: input of shape {tuple(x.shape)} does not fit the {height}x{width} grid")
+        batch, tokens, channels = x.shape
+        quantized: torch.Tensor = self.input_quantizer(x.view(batch, height, width, channels))
+        return quantized.view(batch, tokens, channels)
 
     def quantized_weight_sources(self) -> list[WeightSource]:
         if self.weight_quantizer is None:

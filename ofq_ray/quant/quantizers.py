@@ -13,8 +13,8 @@ import torch
 from torch import nn
 from torch.nn.parameter import UninitializedParameter
 
-Granularity = Literal["tensor", "token", "query", "channel", "out_channel", "in_channel"]
-GRANULARITIES: tuple[str, ...] = ("tensor", "token", "query", "channel", "out_channel", "in_channel")
+Granularity = Literal["tensor", "token", "query", "column", "channel", "out_channel", "in_channel"]
+GRANULARITIES: tuple[str, ...] = ("tensor", "token", "query", "column", "channel", "out_channel", "in_channel")
 
 # The reference clips W/s to [-1, 1 - 1e-6] so that the top code stays n - 1.
 _STATSQ_UPPER = 1.0 - 1e-6
@@ -200,6 +200,8 @@ def _scale_dims(granularity: str, ndim: int) -> tuple[int, ...]:
         return tuple(range(1, ndim - 1))
     if granularity == "query":  # rows of an attention map, shared over batch and heads
         return (ndim - 2,)
+    if granularity == "column":  # W positions of an NHWC map, shared over batch, rows and channels
+        return (ndim - 2,)
     if granularity == "channel":
         return (ndim - 1,)
     if granularity == "out_channel":
@@ -219,6 +221,8 @@ class LsqQuantizer(nn.Module):
       - ``"token"``: one per position between the batch and the last (feature) dim: per token for
         ``[B, N, C]``, per (head, token) for ``[B, H, N, C]``, per pixel for ``[B, H, W, C]``;
       - ``"query"``: one per row of ``[..., N, N']`` (attention maps), shared over batch and heads;
+      - ``"column"``: one per W position of an NHWC map ``[B, H, W, C]``, shared over batch, rows and
+        channels (what the reference's per-token LSQ does to Swin's NHWC MLP and merging inputs);
       - ``"channel"``: per last-dim feature; ``"out_channel"``: per dim-0 row (weights);
         ``"in_channel"``: per dim-1 channel (NCHW images); ``"tensor"``: one scalar.
 
