@@ -38,6 +38,8 @@ def _verdict(ok: bool) -> str:
 
 
 def _mode(payload: dict[str, Any]) -> str:
+    if payload.get("mode") not in (None, "quick", "full"):
+        return f"`--mode {payload['mode']}`"
     return "`--quick`" if payload.get("quick") else "full mode"
 
 
@@ -131,8 +133,9 @@ def accuracy_section() -> list[str]:
     if data is None:
         return [*lines, "Not run yet.", ""]
     epochs = data["epochs"]
+    test_images = f" and {data['val_subset']} test" if "val_subset" in data else ""
     lines += [
-        f"{_mode(data)}, {data['model']} on {data['train_subset']} Fashion-MNIST training images, "
+        f"{_mode(data)}, {data['model']} on {data['train_subset']} Fashion-MNIST training{test_images} images, "
         f"{data['seeds']} seeds. FP: {epochs['fp']} epochs; every quantized row: {epochs['qat']} QAT epochs with "
         f"KD from its seed's FP model, then {epochs['cga']} epochs at LR 1e-5 (CGA only in the OFQ rows). "
         "Final-epoch test top-1.",
@@ -144,6 +147,22 @@ def accuracy_section() -> list[str]:
         runs = ", ".join(f"{value:.2f}" for value in row["runs"])
         lines.append(f"| {label} | {row['mean']:.2f} | {row['std']:.2f} | {runs} |")
     lines += [""]
+    if data.get("steps"):
+        lines += [
+            "Each W2A2 ladder step as per-seed differences (upper rung minus lower; both share the seed's FP "
+            "model, data order and test set). Verdict: *helps* / *hurts* when the mean is more than two "
+            "standard errors from 0, else *not resolved*.",
+            "",
+            "| step | difference mean | std | seeds where it helped | per seed | verdict |",
+            "|---|---|---|---|---|---|",
+        ]
+        for step in data["steps"]:
+            diffs = ", ".join(f"{value:+.2f}" for value in step["diffs"])
+            lines.append(
+                f"| {step['from']} -> {step['to']} | {step['mean']:+.2f} | {step['std']:.2f} "
+                f"| {step['helped']}/{len(step['diffs'])} | {diffs} | {step['verdict']} |"
+            )
+        lines += [""]
     for check, ok in data["checks"].items():
         lines.append(f"- expectation `{check}`: {_verdict(ok)}")
     lines += ["", "![accuracy](docs/accuracy.png)", ""]
