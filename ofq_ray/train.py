@@ -144,7 +144,9 @@ def pretrained_weights(config: RunConfig, info: DatasetInfo, source: str, *, tea
                 classes = getattr(model, "pretrained_cfg", {}).get("num_classes", info.num_classes)
                 fresh_head = classes != info.num_classes
             else:
-                model = create_model(config.model.name, info.num_classes, in_chans=info.in_chans, img_size=info.img_size)
+                model = create_model(
+                    config.model.name, info.num_classes, in_chans=info.in_chans, img_size=info.img_size
+                )
                 fresh_head = bool(load_pretrained(model, source))
         except ValueError as error:
             raise ConfigError(str(error)) from None

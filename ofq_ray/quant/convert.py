@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass, fields
 from typing import Any, cast
 
 import torch
-from timm.layers import Mlp, PatchEmbed, trunc_normal_
+from timm.layers import Mlp, PatchEmbed, to_2tuple, trunc_normal_
 from timm.layers.attention import Attention
 from timm.models.swin_transformer import PatchMerging, SwinTransformer, SwinTransformerBlock, WindowAttention
 from timm.models.vision_transformer import VisionTransformer
@@ -249,17 +249,16 @@ def _reference_swin_granularity(model: SwinTransformer) -> None:
     pixel), as every ViT layer has; ``faithful`` restores the column form.
     """
     for module in model.modules():
-        linears: list[tuple[QLinear, tuple[int, int] | None]] = []
+        linears: list[tuple[Any, tuple[int, int] | None]] = []
         if isinstance(module, SwinTransformerBlock):
-            resolution = module.input_resolution
-            grid = (resolution, resolution) if isinstance(resolution, int) else tuple(resolution)
-            linears = [(module.mlp.fc1, grid), (module.mlp.fc2, grid)]  # type: ignore[list-item]
+            height, width = to_2tuple(module.input_resolution)
+            linears = [(module.mlp.fc1, (height, width)), (module.mlp.fc2, (height, width))]
         elif isinstance(module, PatchMerging):
-            linears = [(module.reduction, None)]  # type: ignore[list-item]  # its input is NHWC already
+            linears = [(module.reduction, None)]  # its input is NHWC already
         for linear, grid in linears:
             if isinstance(linear, QLinear) and linear.input_quantizer is not None:
                 linear.input_quantizer.granularity = "column"
-                linear.input_grid = grid  # type: ignore[assignment]
+                linear.input_grid = grid
 
 
 def set_data_parallel_replicas(model: nn.Module, replicas: int) -> None:

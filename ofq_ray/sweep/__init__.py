@@ -1,0 +1,1 @@
+"""Ray Tune pieces of a sweep that stand on their own (schedulers)."""
