@@ -99,6 +99,34 @@ def build(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
     return {"fp": fp, "ofq": ofq, "teacher": teacher, "images": images, "labels": labels, "spec": spec}
 
 
+def saved_for_backward_mib(model: nn.Module, images: torch.Tensor) -> float:
+    """MiB that autograd keeps for backward in one training forward, each storage counted once."""
+    storages: dict[int, int] = {}
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        storage = tensor.untyped_storage()
+        storages[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        model(images)
+    return sum(storages.values()) / 2**20
+
+
+def saved_for_backward(model_name: str, batch: int, bits: int, qkr: bool) -> dict[str, Any]:
+    """The device-independent memory cost of OFQ: saved-for-backward bytes of the OFQ model over the FP
+    one, on the CPU at a small batch (the ratio does not depend on the batch)."""
+    spec = get_spec(model_name)
+    torch.manual_seed(0)
+    fp = create_model(model_name, num_classes=1000).train()
+    images = torch.randn(batch, spec.in_chans, spec.img_size, spec.img_size)
+    ofq = quantize_model(copy.deepcopy(fp), QuantConfig(weight_bits=bits, act_bits=bits, qkr=qkr))
+    init_activation_scales(ofq, images)
+    ofq.train()
+    fp_mib, ofq_mib = saved_for_backward_mib(fp, images), saved_for_backward_mib(ofq, images)
+    return {"model": model_name, "batch": batch, "fp_mib": fp_mib, "ofq_mib": ofq_mib, "ratio": ofq_mib / fp_mib}
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     device = torch.device(args.device)
     dtype = torch.bfloat16 if args.bf16 else None
@@ -137,6 +165,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if device.type == "cuda" and memory["fp+kd"]:
         ratios["peak memory ofq+kd / fp+kd"] = memory["ofq+kd"] / memory["fp+kd"]  # type: ignore[operator]
     profile = _profile(variants["ofq+kd"], device, args.profile_rows) if args.profile_rows else None
+    saved = saved_for_backward(args.saved_model, 4, args.bits, not args.no_qkr)
+    ratios["saved for backward ofq / fp"] = saved["ratio"]
     return {
         "benchmark": "step_speed",
         "device": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu",
@@ -156,6 +186,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "warmup_s": compile_s,
         "peak_memory_mib": memory,
         "ratios": ratios,
+        "saved_for_backward": saved,
         "profile": profile,
     }
 
@@ -191,6 +222,11 @@ def print_table(result: dict[str, Any]) -> None:
         )
     for name, value in result["ratios"].items():
         print(f"ratio {name:<36}{value:>8.3f}")
+    saved = result["saved_for_backward"]
+    print(
+        f"saved for backward ({saved['model']}, batch {saved['batch']}, CPU): "
+        f"FP {saved['fp_mib']:.0f} MiB, OFQ {saved['ofq_mib']:.0f} MiB"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -198,6 +234,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     parser.add_argument("--model", default=None, help="registered model (default: vit_fmnist on CPU, DeiT-S on GPU)")
     parser.add_argument("--batch", type=int, default=None)
+    parser.add_argument(
+        "--saved-model", default="deit_small_patch16_224", help="model whose saved-for-backward bytes are counted"
+    )
     parser.add_argument("--bits", type=int, default=2)
     parser.add_argument("--no-qkr", action="store_true")
     parser.add_argument("--classes", type=int, default=None)

@@ -136,7 +136,21 @@ class _LsqQuantize(torch.autograd.Function):
     outside, times ``grad_scale``. The ``max(s, 1e-5)`` floor passes its gradient straight through.
     The shifts (None for none) are fused in because these tensors are the largest activations of a
     step and every extra elementwise pass over them shows in the step time.
+
+    Saved for backward: the input in its own dtype (and the step and shifts, which are parameters and
+    cost nothing); the clip mask and the rounding residual are recomputed from it in backward, exactly
+    as forward computed them. Saving them instead (two tensors of the input's size, in float32) made
+    the activations that autograd holds about three times those of the float model.
     """
+
+    @staticmethod
+    def _prequant(
+        x: torch.Tensor, step: torch.Tensor, before: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        # Rounding decisions in bf16/fp16 would move codes; quantize in float32 and cast back.
+        s = step.clamp_min(_MIN_STEP).float()
+        v = x.float() / s if before is None else torch.addcdiv(before.float() / s, x.float(), s)
+        return s, v
 
     @staticmethod
     def forward(  # type: ignore[override]
@@ -149,47 +163,42 @@ class _LsqQuantize(torch.autograd.Function):
         qp: int,
         grad_scale: float,
     ) -> torch.Tensor:
-        # Rounding decisions in bf16/fp16 would move codes; quantize in float32 and cast back.
-        s = step.clamp_min(_MIN_STEP).float()
-        v = x.float() / s if before is None else torch.addcdiv(before.float() / s, x.float(), s)
-        rounded = v.clamp(qn, qp)
-        # The mask kept for backward: bool on GPUs (a quarter of the memory), float on CPUs, where
-        # arithmetic with bool tensors is ~20x slower than with float ones.
-        inside = (rounded == v) if v.is_cuda else torch.eq(rounded, v, out=torch.empty_like(v))
-        rounded.round_()
-        out = rounded * s if after is None else torch.addcmul(after.float(), rounded, s)
+        s, v = _LsqQuantize._prequant(x, step, before)
+        rounded = v.clamp_(qn, qp).round_()
+        out = rounded.mul_(s) if after is None else torch.addcmul(after.float(), rounded, s)
         # The output's dtype is what ``x + before`` and ``+ after`` would give unfused.
         out_dtype = x.dtype
         for shift in (before, after):
             out_dtype = out_dtype if shift is None else torch.promote_types(out_dtype, shift.dtype)
-        # d(out)/ds per element: round(v) - v inside the range, the clip bound (= rounded) outside.
-        # Kept in that dtype: half the memory under bf16 autocast, ample precision for a gradient.
-        dstep = torch.addcmul(rounded, v, inside, value=-1.0)
-        ctx.save_for_backward(inside, dstep.to(out_dtype))
-        ctx.step_shape = step.shape  # type: ignore[attr-defined]
-        ctx.step_dtype = step.dtype  # type: ignore[attr-defined]
+        ctx.save_for_backward(x, step, before)
+        ctx.bounds = (qn, qp)  # type: ignore[attr-defined]
         ctx.grad_scale = grad_scale  # type: ignore[attr-defined]
-        ctx.x_dtype = x.dtype  # type: ignore[attr-defined]
-        ctx.shifts = [None if t is None else (t.shape, t.dtype) for t in (before, after)]  # type: ignore[attr-defined]
+        ctx.after = None if after is None else (after.shape, after.dtype)  # type: ignore[attr-defined]
         return out.to(out_dtype)
 
     @staticmethod
     def backward(  # type: ignore[override]
         ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None, None, None, None]:
-        inside, dstep = ctx.saved_tensors  # type: ignore[attr-defined]
-        before, after = ctx.shifts  # type: ignore[attr-defined]
-        grad_v = grad * inside
-        grad_before = None if before is None else grad_v.sum_to_size(before[0]).to(before[1])
+        x, step, before = ctx.saved_tensors  # type: ignore[attr-defined]
+        qn, qp = ctx.bounds  # type: ignore[attr-defined]
+        _, v = _LsqQuantize._prequant(x, step, before)
+        clipped = v.clamp(qn, qp)
+        # The mask as float on CPUs, where arithmetic with bool tensors is ~20x slower than with floats.
+        inside = (clipped == v) if v.is_cuda else torch.eq(clipped, v, out=torch.empty_like(v))
+        # d(out)/ds per element: round(v) - v inside the range, the clip bound (= round(clipped)) outside.
+        dstep = torch.addcmul(clipped.round_(), v, inside, value=-1.0)
+        grad_float = grad.float()
+        grad_v = grad_float * inside
+        grad_x = grad_v.to(x.dtype)
+        grad_before = None if before is None else grad_v.sum_to_size(before.shape).to(before.dtype)
+        after = ctx.after  # type: ignore[attr-defined]
         grad_after = None if after is None else grad.sum_to_size(after[0]).to(after[1])
-        grad_x = grad_v.to(ctx.x_dtype)  # type: ignore[attr-defined]
-        grad = grad.float()
-        step_shape = ctx.step_shape  # type: ignore[attr-defined]
-        reduce_dims = [d for d, size in enumerate(step_shape) if size == 1 and grad.shape[d] != 1]
-        grad_step = grad * dstep.float()
+        reduce_dims = [d for d, size in enumerate(step.shape) if size == 1 and grad.shape[d] != 1]
+        grad_step = dstep.mul_(grad_float)
         grad_step = grad_step.sum(dim=reduce_dims, keepdim=True) if reduce_dims else grad_step
-        grad_step = (grad_step * ctx.grad_scale).to(ctx.step_dtype)  # type: ignore[attr-defined]
-        return grad_x, grad_step.reshape(step_shape), grad_before, grad_after, None, None, None
+        grad_step = (grad_step * ctx.grad_scale).to(step.dtype)  # type: ignore[attr-defined]
+        return grad_x, grad_step.reshape(step.shape), grad_before, grad_after, None, None, None
 
 
 def _scale_dims(granularity: str, ndim: int) -> tuple[int, ...]:
