@@ -510,7 +510,8 @@ def plot(payload: dict[str, Any], name: str = "oscillation") -> str:
     axes[0].set(yscale="log", xlabel="epoch", title="EMA oscillation frequency (mean over seeds)")
     axes[0].legend(fontsize=7)
 
-    measures = payload["measures"]
+    qat_variants = {label for label, variant in payload["variants"].items() if not variant["cga"]}
+    measures = {label: m for label, m in payload["measures"].items() if label in qat_variants}  # CGA: same QAT
     kinds = list(dict.fromkeys(kind for m in measures.values() for kind in m["kinds"]))
     width = 0.8 / len(measures)
     for index, (label, m) in enumerate(measures.items()):
