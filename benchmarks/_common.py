@@ -56,10 +56,11 @@ def fashion(train_subset: int, val_subset: int, batch_size: int, seed: int, img_
 
 @dataclass
 class Run:
-    """One training stage's per-epoch history (and whatever a hook collected per step)."""
+    """One training stage's per-epoch history (and whatever the hooks collected per step and per epoch)."""
 
     history: list[dict[str, float]] = field(default_factory=list)
     steps: list[dict[str, float]] = field(default_factory=list)
+    probes: list[dict[str, Any]] = field(default_factory=list)
     wall_s: float = 0.0
 
     @property
@@ -84,8 +85,12 @@ def train(
     tracker: OscillationTracker | None = None,
     optimizer: torch.optim.Optimizer | None = None,
     step_hook: Callable[[], dict[str, float]] | None = None,
+    epoch_probe: Callable[[], dict[str, Any]] | None = None,
 ) -> tuple[Run, torch.optim.Optimizer]:
-    """Trains ``epochs`` epochs on the CPU through ofq_ray.engine; returns the history and the optimizer."""
+    """Trains ``epochs`` epochs on the CPU through ofq_ray.engine; returns the history and the optimizer.
+
+    ``step_hook`` runs after each optimizer step, ``epoch_probe`` after each epoch's evaluation and
+    before the tracker's flip-rate window restarts (so it can read that epoch's window)."""
     device = torch.device("cpu")
     optimizer = optimizer or build_optimizer(model, lr, 0.05)
     plan = LRSchedule(lr=lr, min_lr=min(lr, 1e-5), epochs=epochs, warmup_epochs=warmup_epochs, kind=schedule)
@@ -116,6 +121,8 @@ def train(
             tracker=hooked,  # type: ignore[arg-type]
         )
         metrics.update(evaluate(model, val_loader, device=device))
+        if epoch_probe is not None:
+            run.probes.append(epoch_probe())
         if tracker is not None:
             metrics.update(tracker.metrics(reset_window=True))
         if cga is not None:
@@ -136,6 +143,7 @@ def second_stage(
     cga: CGA | None = None,
     tracker: OscillationTracker | None = None,
     step_hook: Callable[[], dict[str, float]] | None = None,
+    epoch_probe: Callable[[], dict[str, Any]] | None = None,
 ) -> Run:
     """The reference's CGA stage without (``cga=None``) or with CGA: the constant LR 1e-5, continuing
     the QAT optimizer (the object, or a saved state dict of it for a copy of the model)."""
@@ -153,6 +161,7 @@ def second_stage(
         tracker=tracker,
         optimizer=optimizer,
         step_hook=step_hook,
+        epoch_probe=epoch_probe,
     )
     return run
 

@@ -38,6 +38,8 @@ def _verdict(ok: bool) -> str:
 
 
 def _mode(payload: dict[str, Any]) -> str:
+    if payload.get("tiny"):
+        return "`--tiny`"
     if payload.get("mode") not in (None, "quick", "full"):
         return f"`--mode {payload['mode']}`"
     return "`--quick`" if payload.get("quick") else "full mode"
@@ -91,13 +93,89 @@ def step_speed_section() -> list[str]:
     return lines
 
 
-def oscillation_section() -> list[str]:
-    data = _load("oscillation")
+def oscillation_section(data: dict[str, Any] | None = None) -> list[str]:
+    """The oscillation benchmark's tables, from ``data`` or benchmarks/results/oscillation.json."""
+    data = _load("oscillation") if data is None else data
     lines = ["### Weight oscillation at W2A2 (`benchmarks/oscillation.py`)", ""]
     if data is None:
         return [*lines, "Not run yet.", ""]
-    epochs = data["epochs"]
+    body = _oscillation_seeds(data) if data.get("schema", 1) >= 2 else _oscillation_single_seed(data)
+    return [*lines, *body, *_cga_trajectories(data), "", "![oscillation](docs/oscillation.png)", ""]
+
+
+def _pm(spread: dict[str, Any] | None, digits: str = ".2e") -> str:
+    """``mean ± std`` of a benchmark's spread over seeds."""
+    if spread is None or spread["mean"] is None:
+        return "-"
+    return f"{spread['mean']:{digits}} ± {spread['std']:{digits}}"
+
+
+def _oscillation_seeds(data: dict[str, Any]) -> list[str]:
+    """Schema 2: several seeds, the paper's LSQ baseline, per weight kind, raw and normalized, a verdict."""
+    epochs, variants, measures = data["epochs"], data["variants"], data["measures"]
+    cga = next(v for v in variants.values() if v["cga"])
+    same_qat = ("weight_quantizer", "qkr")  # the CGA variant continues the QAT run of this configuration
+    base = next(label for label, v in variants.items() if not v["cga"] and all(v[key] == cga[key] for key in same_qat))
+    lines = [
+        f"{_mode(data)}, {data['model']}, {len(data['seeds'])} seeds, FP teacher {_pm(data['fp_top1'], '.2f')} %. "
+        f"Per seed, each variant: {epochs['qat']} QAT epochs (cosine from 1e-3, KD from that seed's FP model), then "
+        f"{epochs['cga']} epochs at the constant LR 1e-5 with the same optimizer. The CGA row continues the "
+        f"{base} row's QAT checkpoint with CGA (BR 0.005), so "
+        "its QAT columns are that row's. The LSQ row is the paper's LSQ baseline: q and k quantized separately "
+        "(no QKR). Oscillation per the spec's section 6 over every low-bit block weight: an event is an integer "
+        "code moving opposite to its previous move; *freq* is events per weight per step, over QAT or over the "
+        "last epoch; *near* is the share of unclipped weights within "
+        f"{data['settings']['near_width']:g} steps of a rounding threshold (mean over the QAT epochs, or at "
+        "the end), and */ near* divides by it (StatsQ has a threshold at 0, where weights are densest). "
+        "Mean ± std over seeds.",
+        "",
+        "| variant | top-1 | freq, QAT | near, QAT | freq / near, QAT | EMA f, end of QAT | freq, last epoch "
+        "| freq / near, last epoch | flips per step, last epoch |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for label, m in measures.items():
+        o = m["overall"]
+        lines.append(
+            f"| {label} | {_pm(m['top1'], '.2f')} | {_pm(o['freq_qat'])} | {_pm(_percent(o['near_qat']), '.1f')} % "
+            f"| {_pm(o['freq_qat_norm'])} | {_pm(o['ema_end_qat'])} | {_pm(o['freq_last'])} "
+            f"| {_pm(o['freq_last_norm'])} | {_pm(o['flips_last'])} |"
+        )
+    qat_labels = [label for label, v in variants.items() if not v["cga"]]
+    lines += ["", "Per weight kind, freq over QAT, raw (/ near):", ""]
+    lines += _kind_table(measures, qat_labels, "freq_qat")
+    lines += ["", "Per weight kind, freq in the last epoch, raw (/ near):", ""]
+    lines += _kind_table(measures, list(variants), "freq_last")
     lines += [
+        "",
+        "`qkv` is the fused q/k/v weight without QKR (one tensor; its scales are per output row, so q, k and v "
+        "rows have their own), `merged_qk` the QKR product W_q^T W_k.",
+        "",
+    ]
+    lines += [f"- {sentence}" for sentence in data["verdict"]["text"]]
+    return lines
+
+
+def _percent(spread: dict[str, Any]) -> dict[str, Any]:
+    scaled = {key: None if spread[key] is None else 100 * spread[key] for key in ("mean", "std")}
+    return {**spread, **scaled}
+
+
+def _kind_table(measures: dict[str, Any], labels: list[str], key: str) -> list[str]:
+    kinds = list(dict.fromkeys(kind for label in labels for kind in measures[label]["kinds"]))
+    lines = ["| kind | " + " | ".join(labels) + " |", "|---" * (len(labels) + 1) + "|"]
+    for kind in kinds:
+        cells = []
+        for label in labels:
+            stats = measures[label]["kinds"].get(kind)
+            cells.append("-" if stats is None else f"{_pm(stats[key])} ({_pm(stats[key + '_norm'])})")
+        lines.append(f"| {kind} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def _oscillation_single_seed(data: dict[str, Any]) -> list[str]:
+    """Schema 1 (one seed, LSQ on the QKR product); kept until the schema-2 results replace it."""
+    epochs = data["epochs"]
+    lines = [
         f"{_mode(data)}, {data['model']}, FP teacher {data['fp_top1']:.2f} %. Each variant: {epochs['qat']} QAT "
         f"epochs (cosine from 1e-3, KD), then {epochs['cga']} epochs at the constant LR 1e-5 with the same "
         "optimizer, where only the last variant applies CGA (BR 0.005). Oscillation per the spec's section 6 "
@@ -118,8 +196,16 @@ def oscillation_section() -> list[str]:
             f"| {last['osc/frac_gt_0.005']:.4f} | {last['osc/frac_gt_0.01']:.4f} | {last['osc/flip_rate']:.2e} "
             f"| {'-' if near is None else f'{100 * near:.2f} %'} |"
         )
-    lines += ["", "| CGA boundary range | frozen at the end | top-1 | scale change over the stage |"]
-    lines += ["|---|---|---|---|"]
+    return lines
+
+
+def _cga_trajectories(data: dict[str, Any]) -> list[str]:
+    """The CGA stage per boundary range (the first seed's, from the StatsQ + QKR QAT checkpoint)."""
+    lines = [
+        "",
+        "| CGA boundary range | frozen at the end | top-1 | scale change over the stage |",
+        "|---|---|---|---|",
+    ]
     for boundary, trajectory in data["cga_trajectories"].items():
         steps = trajectory["steps"]
         names = sorted(steps[0]) if steps else []
@@ -128,7 +214,6 @@ def oscillation_section() -> list[str]:
             f"| {boundary} | {100 * trajectory['frozen_frac'][-1]:.2f} % | {trajectory['top1'][-1]:.2f} "
             f"| {change:+.4f} % |"
         )
-    lines += ["", "![oscillation](docs/oscillation.png)", ""]
     return lines
 
 

@@ -10,7 +10,7 @@ from conftest import make_tiny_vit
 from torch import nn
 
 from ofq_ray.quant import LsqQuantizer, QuantConfig, WeightSource, init_activation_scales, quantize_model
-from ofq_ray.quant.oscillation import OscillationTracker
+from ofq_ray.quant.oscillation import OscillationTracker, weight_kind
 
 
 class _Scripted(nn.Module):
@@ -81,6 +81,7 @@ def test_events_frequencies_and_flip_rates_match_a_hand_computation() -> None:
         "frac_gt_0.6": 0.0,
         "flip_rate": 0.0,
         "oscillations": 0,
+        "elements": 2,
     }
     # Overall values are weighted by element count: 4 elements in a, 2 in b.
     overall = summary["overall"]
@@ -88,7 +89,86 @@ def test_events_frequencies_and_flip_rates_match_a_hand_computation() -> None:
     assert overall["frac_gt_0.1"] == pytest.approx(2 / 6)
     assert overall["flip_rate"] == pytest.approx(sum(_A_CHANGED) / (6 * 5))
     assert overall["oscillations"] == 4
-    assert all(type(value) is float for key, value in overall.items() if key != "oscillations")
+    assert overall["elements"] == 6
+    assert all(type(value) is float for key, value in overall.items() if key not in ("oscillations", "elements"))
+
+
+def _blocks(*leaves: str) -> nn.Module:
+    """``blocks.{0,1}.{leaf}`` modules, each one two-element scripted weight."""
+    model = nn.Module()
+    model.blocks = nn.ModuleList()
+    for _ in range(2):
+        block = nn.Module()
+        for leaf in leaves:
+            parent, child = leaf.split(".")
+            if not hasattr(block, parent):
+                block.add_module(parent, nn.Module())
+            getattr(block, parent).add_module(child, _Scripted(2))
+        model.blocks.append(block)
+    return model
+
+
+# Codes per update of each two-element weight (LSQ step 1, so a code is the rounded value).
+_KIND_CODES = {
+    "blocks.0.mlp.fc1": [[0, 0], [1, 0], [0, 0], [1, 0]],  # e0 reverses at updates 3 and 4
+    "blocks.1.mlp.fc1": [[0, 0], [1, -1], [2, -1], [1, 0]],  # e0 and e1 each reverse at update 4
+    "blocks.0.attn.proj": [[3, 1], [3, 0], [3, 1], [3, 1]],  # e1 reverses at update 3
+    "blocks.1.attn.proj": [[0, 0], [0, 0], [0, 0], [0, 0]],
+}
+
+
+def test_summary_by_kind_pools_tensors_of_a_kind_as_computed_by_hand() -> None:
+    model = _blocks("mlp.fc1", "attn.proj")
+    tracker = OscillationTracker(model, momentum=0.5, thresholds=(0.1, 0.6))
+    assert sorted(tracker.names) == [f"{name}.weight" for name in sorted(_KIND_CODES)]
+    for update in range(4):
+        with torch.no_grad():
+            for name, codes in _KIND_CODES.items():
+                model.get_submodule(name).weight.copy_(torch.tensor([codes[update]], dtype=torch.float32) + 0.1)
+        tracker.update()
+
+    # Events at compared updates 2..4 -> EMA with m = 0.5: [0, 1, 1] -> 0.75, [0, 0, 1] -> 0.5, [0, 1, 0] -> 0.25.
+    assert (_ema([0, 1, 1], 0.5), _ema([0, 0, 1], 0.5), _ema([0, 1, 0], 0.5)) == (0.75, 0.5, 0.25)
+    kinds = tracker.summary_by()
+    assert list(kinds) == ["fc1", "proj"]
+    fc1, proj = kinds["fc1"], kinds["proj"]
+    assert fc1["elements"] == 4 and fc1["oscillations"] == 4
+    assert fc1["mean_freq"] == pytest.approx((0.75 + 0 + 0.5 + 0.5) / 4)
+    assert fc1["frac_gt_0.1"] == 0.75 and fc1["frac_gt_0.6"] == 0.25
+    assert fc1["flip_rate"] == pytest.approx((3 + 0 + 3 + 2) / (4 * 3))  # code changes / (elements * steps)
+    assert proj == {
+        "mean_freq": pytest.approx(0.25 / 4),
+        "frac_gt_0.1": 0.25,
+        "frac_gt_0.6": 0.0,
+        "flip_rate": pytest.approx(2 / (4 * 3)),
+        "oscillations": 1,
+        "elements": 4,
+    }
+    # Any grouping: per block index. The kinds together are the overall summary.
+    blocks = tracker.summary_by(lambda name: name.split(".")[1])
+    assert blocks["0"]["mean_freq"] == pytest.approx((0.75 + 0.25) / 4)
+    assert blocks["1"]["oscillations"] == 2
+    overall = tracker.summary()["overall"]
+    assert overall["oscillations"] == 5 and overall["elements"] == 8
+    assert overall["mean_freq"] == pytest.approx((fc1["mean_freq"] + proj["mean_freq"]) / 2)
+
+
+@pytest.mark.parametrize(
+    ("name", "kind"),
+    [
+        ("blocks.0.attn.merged_qk", "merged_qk"),
+        ("blocks.0.attn.qkv.weight", "qkv"),
+        ("blocks.11.attn.v.weight", "v"),
+        ("blocks.0.attn.proj.weight", "proj"),
+        ("blocks.0.mlp.fc1.weight", "fc1"),
+        ("layers.0.blocks.1.mlp.fc2.weight", "fc2"),
+        ("layers.1.downsample.reduction.weight", "reduction"),
+        ("patch_embed.proj.weight", "patch_embed"),
+        ("head.weight", "head"),
+    ],
+)
+def test_weight_kind_reads_the_module_name(name: str, kind: str) -> None:
+    assert weight_kind(name) == kind
 
 
 def test_default_momentum_and_thresholds() -> None:
@@ -174,10 +254,11 @@ def test_constructor_rejects_bad_settings(kwargs: dict[str, object], message: st
         OscillationTracker(_TwoLayers(), **kwargs)  # type: ignore[arg-type]
 
 
-@pytest.mark.parametrize(("weight_quantizer", "qkr"), [("statsq", True), ("lsq", False)])
+# LSQ with QKR is not the paper's LSQ baseline (issue 9): LSQ is tracked on the unmerged fused qkv weight.
+@pytest.mark.parametrize(("weight_quantizer", "qkr"), [("statsq", True), ("statsq", False), ("lsq", False)])
 def test_tracks_every_block_weight_of_a_quantized_vit(weight_quantizer: str, qkr: bool) -> None:
     model = make_tiny_vit()
-    quantize_model(model, QuantConfig(weight_bits=2, act_bits=2, qkr=qkr, weight_quantizer=weight_quantizer))
+    quantize_model(model, QuantConfig(weight_bits=2, act_bits=2, weight_quantizer=weight_quantizer, qkr=qkr))
     images, targets = torch.randn(8, 1, 32, 32), torch.randint(0, 10, (8,))
     init_activation_scales(model, images)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
@@ -196,13 +277,15 @@ def test_tracks_every_block_weight_of_a_quantized_vit(weight_quantizer: str, qkr
     attention = ("attn.merged_qk", "attn.v.weight") if qkr else ("attn.qkv.weight",)
     leaves = (*attention, "attn.proj.weight", "mlp.fc1.weight", "mlp.fc2.weight")
     assert set(summary["layers"]) == {f"blocks.{i}.{leaf}" for i in range(2) for leaf in leaves}
+    kinds = ["merged_qk", "v"] if qkr else ["qkv"]
+    assert list(tracker.summary_by()) == [*kinds, "proj", "fc1", "fc2"]
     assert set(with_first_last.summary()["layers"]) == set(summary["layers"]) | {
         "patch_embed.proj.weight",
         "head.weight",
     }
     for stats in [summary["overall"], *summary["layers"].values()]:
         for key, value in stats.items():
-            if key != "oscillations":
+            if key not in ("oscillations", "elements"):
                 assert 0.0 <= value <= 1.0, key
     # lr 1e-2 on 2-bit weights moves codes every step, and some of them back.
     assert summary["overall"]["flip_rate"] > 0.0

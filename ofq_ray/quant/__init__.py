@@ -5,7 +5,7 @@ from .cga import CGA, cga_mask
 from .convert import QuantConfig, init_activation_scales, quantize_model, set_data_parallel_replicas
 from .export import export_quantized, load_exported, quantized_size_bytes
 from .layers import QConv2d, QLinear, WeightSource, iter_quantized_weights
-from .oscillation import OscillationTracker
+from .oscillation import OscillationTracker, weight_kind
 from .quantizers import LsqQuantizer, StatsQuantizer
 
 __all__ = [
@@ -27,4 +27,5 @@ __all__ = [
     "quantize_model",
     "quantized_size_bytes",
     "set_data_parallel_replicas",
+    "weight_kind",
 ]

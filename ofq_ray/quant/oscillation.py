@@ -4,7 +4,8 @@ After every optimizer step the tracker reads the integer code of each quantized 
 *oscillates* at a step when its code moves in the direction opposite to its previous move (steps
 without a move in between do not reset the direction). Per element it keeps an EMA of these events,
 ``f <- m * oscillated + (1 - m) * f``, and a cumulative count; per tensor it counts the codes that
-changed since the last window reset, which gives the per-step flip rate.
+changed since the last window reset, which gives the per-step flip rate. Statistics come per tensor,
+overall, or pooled over any grouping of the tensors (by default their kind: fc1, proj, merged_qk, ...).
 """
 
 from __future__ import annotations
@@ -79,6 +80,20 @@ def _shape_of(source: WeightSource) -> torch.Size:
         return source.parameter.shape
     with torch.no_grad():
         return source.latent().shape
+
+
+def weight_kind(name: str) -> str:
+    """The kind of a quantized weight from its qualified name (what :meth:`OscillationTracker.summary_by`
+    groups by): the module's own name, e.g. ``"merged_qk"`` (the QKR product), ``"qkv"`` (the fused
+    projection without QKR), ``"v"``, ``"proj"``, ``"fc1"``, ``"fc2"``, ``"reduction"`` (Swin), and
+    ``"patch_embed"`` / ``"head"`` for the first and last layers.
+
+    Example:
+        >>> weight_kind("blocks.0.attn.merged_qk"), weight_kind("layers.1.downsample.reduction.weight")
+        ('merged_qk', 'reduction')
+    """
+    parts = name.removesuffix(".weight").split(".")
+    return "patch_embed" if "patch_embed" in parts else parts[-1]
 
 
 class OscillationTracker:
@@ -157,28 +172,16 @@ class OscillationTracker:
         return ["mean_freq", *(f"frac_gt_{t:g}" for t in self.thresholds), "flip_rate", "oscillations"]
 
     @torch.no_grad()
-    def summary(self, reset_window: bool = False) -> dict[str, Any]:
-        """Oscillation statistics, overall and per tensor, as plain Python numbers.
-
-        Returns:
-            ``{"overall": stats, "layers": {name: stats}}`` where ``stats`` has ``"mean_freq"`` (mean
-            EMA frequency), ``"frac_gt_{τ:g}"`` per threshold (fraction of elements with frequency
-            > τ), ``"flip_rate"`` (mean per-step fraction of codes that changed since the last window
-            reset, 0.0 before any) and ``"oscillations"`` (cumulative event count, an int). Overall
-            values are weighted by element count. Everything is 0 before the second :meth:`update`.
-
-        Args:
-            reset_window: afterwards, restart the flip-rate window (frequencies and counts persist).
-        """
+    def _tensor_stats(self) -> dict[str, dict[str, float | int]]:
+        """Per tracked tensor: the :meth:`summary` statistics plus ``"elements"`` (its element count)."""
         keys = self._stat_keys()
-        layers: dict[str, dict[str, float | int]] = {}
-        totals = [0.0] * (len(keys) - 1)
-        total_oscillations = 0
-        total_elements = 0
-        for name, _ in self._sources:
+        steps = max(self.window_steps, 1)  # the flip count is 0 when no step was compared yet
+        stats: dict[str, dict[str, float | int]] = {}
+        for name, source in self._sources:
             state = self._states.get(name)
             if state is None:
-                layers[name] = {key: 0.0 for key in keys} | {"oscillations": 0}
+                elements = _shape_of(source).numel()
+                stats[name] = {key: 0.0 for key in keys} | {"oscillations": 0, "elements": elements}
                 continue
             frequency = state.frequency
             sums = [frequency.sum(dtype=torch.float64)]
@@ -186,19 +189,64 @@ class OscillationTracker:
             sums += [state.window_flips.to(torch.float64), state.oscillations.sum(dtype=torch.float64)]
             values = torch.stack(sums).cpu().tolist()
             elements = frequency.numel()
-            steps = max(self.window_steps, 1)  # the flip count is 0 when no step was compared yet
             means = [v / elements for v in values[:-2]] + [values[-2] / (elements * steps)]
-            layers[name] = dict(zip(keys[:-1], means, strict=True)) | {"oscillations": int(values[-1])}
-            totals = [total + mean * elements for total, mean in zip(totals, means, strict=True)]
-            total_oscillations += int(values[-1])
-            total_elements += elements
-        overall: dict[str, float | int] = {
-            key: total / max(total_elements, 1) for key, total in zip(keys[:-1], totals, strict=True)
-        }
-        overall["oscillations"] = total_oscillations
+            stats[name] = dict(zip(keys[:-1], means, strict=True)) | {
+                "oscillations": int(values[-1]),
+                "elements": elements,
+            }
+        return stats
+
+    def _pool(self, group: Iterable[Mapping[str, float | int]]) -> dict[str, float | int]:
+        """Statistics of several tensors taken together: means weighted by element count, counts summed."""
+        keys = self._stat_keys()[:-1]
+        totals = dict.fromkeys(keys, 0.0)
+        oscillations = elements = 0
+        for stats in group:
+            for key in keys:
+                totals[key] += float(stats[key]) * int(stats["elements"])
+            oscillations += int(stats["oscillations"])
+            elements += int(stats["elements"])
+        pooled: dict[str, float | int] = {key: total / max(elements, 1) for key, total in totals.items()}
+        return pooled | {"oscillations": oscillations, "elements": elements}
+
+    def summary(self, reset_window: bool = False) -> dict[str, Any]:
+        """Oscillation statistics, overall and per tensor, as plain Python numbers.
+
+        Returns:
+            ``{"overall": stats, "layers": {name: stats}}`` where ``stats`` has ``"mean_freq"`` (mean
+            EMA frequency), ``"frac_gt_{τ:g}"`` per threshold (fraction of elements with frequency
+            > τ), ``"flip_rate"`` (mean per-step fraction of codes that changed since the last window
+            reset, 0.0 before any), ``"oscillations"`` (cumulative event count, an int) and
+            ``"elements"`` (element count, an int). Overall values are weighted by element count.
+            Everything but ``"elements"`` is 0 before the second :meth:`update`.
+
+        Args:
+            reset_window: afterwards, restart the flip-rate window (frequencies and counts persist).
+        """
+        layers = self._tensor_stats()
+        overall = self._pool(layers.values())
         if reset_window:
             self.reset_window()
         return {"overall": overall, "layers": layers}
+
+    def summary_by(self, group: Callable[[str], str] = weight_kind) -> dict[str, dict[str, float | int]]:
+        """The :meth:`summary` statistics pooled over groups of tensors, by default per weight kind.
+
+        Example:
+            >>> tracker.summary_by()["fc1"]["mean_freq"]  # every block's fc1 weight taken together
+            >>> tracker.summary_by(lambda name: name.split(".")[1])  # per block index
+
+        Args:
+            group: maps a tracked tensor's qualified name (see :attr:`names`) to its group's name.
+
+        Returns:
+            ``{group: stats}`` in the order groups first appear in :attr:`names`, with the same keys as
+            :meth:`summary`'s ``stats``: means weighted by element count, counts summed.
+        """
+        members: dict[str, list[dict[str, float | int]]] = {}
+        for name, stats in self._tensor_stats().items():
+            members.setdefault(group(name), []).append(stats)
+        return {key: self._pool(group_stats) for key, group_stats in members.items()}
 
     def reset_window(self) -> None:
         """Restarts the flip-rate window."""

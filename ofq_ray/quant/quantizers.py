@@ -170,7 +170,7 @@ class _LsqQuantize(torch.autograd.Function):
         out_dtype = x.dtype
         for shift in (before, after):
             out_dtype = out_dtype if shift is None else torch.promote_types(out_dtype, shift.dtype)
-        ctx.save_for_backward(x, step, before)
+        ctx.save_for_backward(x, step, before)  # type: ignore[arg-type]
         ctx.bounds = (qn, qp)  # type: ignore[attr-defined]
         ctx.grad_scale = grad_scale  # type: ignore[attr-defined]
         ctx.after = None if after is None else (after.shape, after.dtype)  # type: ignore[attr-defined]
