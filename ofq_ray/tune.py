@@ -1,4 +1,5 @@
-"""Sweeps: a YAML search space -> Ray Tune with OptunaSearch (TPE / NSGA-II) and ASHA, trials in MLflow.
+"""Sweeps: a YAML search space -> Ray Tune with OptunaSearch (TPE / NSGA-II) and ASHA (MO-ASHA for several
+objectives), trials in MLflow.
 
 A sweep spec has a ``base`` run config whose ``stage`` is what every trial trains, a ``search`` over
 dotted keys, ``tune`` settings and ``mlflow`` settings. Stages before the trial stage (the FP model,
@@ -348,17 +349,28 @@ def make_scheduler(sweep: Sweep, max_t: int) -> Any:
         return None
     from ray.tune.schedulers import ASHAScheduler
 
+    from .sweep.mo_asha import MultiObjectiveASHA
+
     options = scheduler["asha"] or {}
-    # ASHA ranks trials on the first objective (accuracy); size, the second in pareto sweeps, is fixed per trial.
+    grace_period = int(options.get("grace_period", 1))
+    reduction_factor = float(options.get("reduction_factor", 3))
+    # One past the last epoch: ASHA stops a trial that reaches max_t, which would kill it before it
+    # logs its checkpoints and closes its MLflow run; trials end on their own instead.
+    if sweep.tune.multi_objective:  # promote by non-dominated rank over every objective (MO-ASHA)
+        return MultiObjectiveASHA(
+            sweep.tune.metrics,
+            sweep.tune.modes,
+            max_t=max_t + 1,
+            grace_period=grace_period,
+            reduction_factor=reduction_factor,
+        )
     return ASHAScheduler(
         time_attr="training_iteration",
         metric=sweep.tune.metrics[0],
         mode=sweep.tune.modes[0],
-        # One past the last epoch: ASHA stops a trial that reaches max_t, which would kill it before it
-        # logs its checkpoints and closes its MLflow run; trials end on their own instead.
         max_t=max_t + 1,
-        grace_period=int(options.get("grace_period", 1)),
-        reduction_factor=float(options.get("reduction_factor", 3)),
+        grace_period=grace_period,
+        reduction_factor=reduction_factor,
     )
 
 
@@ -817,7 +829,7 @@ def _log_summary(sweep: Sweep, result: SweepResult, parent: Any, log: Any) -> No
     counts = {s: sum(t["status"] == s for t in result.trials) for s in ("completed", "stopped", "errored")}
     summary = (
         f"\nsweep {sweep.name}: {len(result.trials)} trials ({counts['completed']} completed, "
-        f"{counts['stopped']} stopped by ASHA, {counts['errored']} errored); "
+        f"{counts['stopped']} stopped by the scheduler, {counts['errored']} errored); "
         f"checkpoints kept: {result.bytes_kept / 2**20:.1f} MiB\n{table}\n"
     )
     if result.best:

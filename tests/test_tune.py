@@ -20,8 +20,9 @@ from mlflow.tracking import MlflowClient
 from ofq_ray.checkpoint import load_model
 from ofq_ray.data import build_datasets, build_loader
 from ofq_ray.engine import evaluate
+from ofq_ray.sweep.mo_asha import MultiObjectiveASHA
 from ofq_ray.tracking import default_tracking_uri, resolve_alias, search_runs
-from ofq_ray.tune import load_sweep, run_sweep
+from ofq_ray.tune import load_sweep, make_scheduler, run_sweep
 
 pytestmark = pytest.mark.integration
 REPO = Path(__file__).resolve().parents[1]
@@ -184,9 +185,33 @@ def test_shared_stage_is_trained_once_and_reused_by_the_next_sweep(
     uri = default_tracking_uri(str(runs))
     cached = search_runs(uri, "ofq-ray-stages", "tags.`ofq.chain_fingerprint` != ''")
     assert len(cached) == 1 and cached[0]["tags"]["ofq.stage"] == "pretrain"
-    again = load_sweep(str(_write(runs / "again.yaml", _spec(runs, "smoke-again", num_samples=2))))
+    # The second sweep is also the multi-objective one: accuracy vs bytes over bit widths, under MO-ASHA.
+    spec = _spec(
+        runs,
+        "smoke-again",
+        num_samples=3,
+        metric=["val/top1", "model/size_bytes"],
+        mode=["max", "min"],
+        scheduler={"asha": {"grace_period": 1, "reduction_factor": 2}},
+    )
+    spec["search"]["quant.weight_bits"] = {"choice": [2, 8]}
+    again = load_sweep(str(_write(runs / "again.yaml", spec)))
+    assert isinstance(make_scheduler(again, 3), MultiObjectiveASHA)
     run_sweep(again, address=cluster["address"])
     assert len(search_runs(uri, "ofq-ray-stages", "tags.`ofq.chain_fingerprint` != ''")) == 1
+    # MO-ASHA never stops the first trial of the smallest size at a rung: no trial recorded before it is
+    # smaller, so it is non-dominated and an extreme of its front. It trains every epoch.
+    client = MlflowClient(uri)
+    _, children = _children(uri, "smoke-again")
+    assert len(children) == 3
+    smallest = min(c["metrics"]["model/size_bytes"] for c in children)
+    histories = {
+        c["run_id"]: client.get_metric_history(c["run_id"], "val/top1")
+        for c in children
+        if c["metrics"]["model/size_bytes"] == smallest
+    }
+    first = min(histories, key=lambda run_id: min(m.timestamp for m in histories[run_id] if m.step == 0))
+    assert sorted(m.step for m in histories[first]) == [0, 1, 2]
 
 
 def test_resume_after_killing_the_driver_finishes_exactly_num_samples(cluster: dict[str, str], tmp_path: Path) -> None:
