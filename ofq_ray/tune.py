@@ -62,6 +62,9 @@ class TuneSettings:
     seed: int = 0
     keep_checkpoints: int = field(default=1, metadata=_spec(low=1))
     delete_stopped_checkpoints: bool = True
+    # The searcher's Optuna study (an RDB URL, e.g. postgresql://... on a cluster); default: an sqlite
+    # file beside the MLflow store. Its study is named after the sweep run and --resume continues it.
+    optuna_storage: str | None = None
 
     @property
     def metrics(self) -> list[str]:
@@ -229,13 +232,21 @@ def _check_tune(settings: TuneSettings) -> None:
         for key, value in (scheduler["asha"] or {}).items():
             if key not in ("grace_period", "reduction_factor"):
                 raise ConfigError(f"tune.scheduler.asha.{key}: unknown key; allowed: grace_period, reduction_factor")
-            if not isinstance(value, int | float) or value < 1:
-                raise ConfigError(f"tune.scheduler.asha.{key}: {value!r} is not allowed; allowed: a number >= 1")
+            low = 1 if key == "grace_period" else 1.000001
+            if isinstance(value, bool) or not isinstance(value, int | float) or value < low:
+                allowed = "a number >= 1" if key == "grace_period" else "a number > 1"
+                raise ConfigError(f"tune.scheduler.asha.{key}: {value!r} is not allowed; allowed: {allowed}")
     resources = settings.resources_per_worker
     if not isinstance(resources, dict) or any(
         k not in ("CPU", "GPU") or not isinstance(v, int | float) or v < 0 for k, v in resources.items()
     ):
         raise ConfigError(f"tune.resources_per_worker: {resources!r} is not allowed; allowed: {{CPU: n, GPU: m}}")
+    storage = settings.optuna_storage
+    if storage is not None and not (isinstance(storage, str) and "://" in storage):
+        raise ConfigError(
+            f"tune.optuna_storage: {storage!r} is not allowed; allowed: a database URL such as "
+            "sqlite:////abs/optuna.db or postgresql://user@host/db (or null for one beside the MLflow store)"
+        )
     if settings.searcher == "nsga2" and not settings.multi_objective:
         raise ConfigError("tune.searcher: 'nsga2' needs several metrics; allowed: tpe, random, grid for one metric")
 
@@ -321,7 +332,24 @@ def optuna_space(search: dict[str, dict[str, Any]]) -> dict[str, Any]:
     return space
 
 
-def make_searcher(sweep: Sweep) -> Any:
+def optuna_storage_url(sweep: Sweep, runs_dir: str) -> str:
+    """Where the sweep's Optuna study lives: ``tune.optuna_storage`` or ``<runs_dir>/optuna.db``."""
+    return sweep.tune.optuna_storage or f"sqlite:///{os.path.join(os.path.abspath(runs_dir), 'optuna.db')}"
+
+
+def open_optuna_storage(url: str) -> Any:
+    """An Optuna RDB storage, or a one-line ConfigError (checked before a sweep creates anything)."""
+    import optuna
+
+    try:
+        return optuna.storages.RDBStorage(url)
+    except Exception as error:  # unreachable server, bad URL, missing driver
+        raise ConfigError(f"tune.optuna_storage: cannot open {url} ({type(error).__name__})") from None
+
+
+def make_searcher(sweep: Sweep, storage_url: str | None = None, study_name: str | None = None) -> Any:
+    """OptunaSearch with the sweep's sampler; with ``storage_url`` its study is kept in that database under
+    ``study_name`` (so optuna-dashboard can watch it and --resume continues it), else in memory."""
     import optuna
     from ray.tune.search.optuna import OptunaSearch
 
@@ -340,7 +368,15 @@ def make_searcher(sweep: Sweep) -> Any:
         sampler = optuna.samplers.TPESampler(seed=settings.seed, multivariate=True)
     metric: Any = settings.metrics if settings.multi_objective else settings.metrics[0]
     mode: Any = settings.modes if settings.multi_objective else settings.modes[0]
-    return OptunaSearch(space=optuna_space(sweep.search), metric=metric, mode=mode, sampler=sampler)
+    storage = None if storage_url is None else open_optuna_storage(storage_url)
+    return OptunaSearch(
+        space=optuna_space(sweep.search),
+        metric=metric,
+        mode=mode,
+        sampler=sampler,
+        storage=storage,
+        study_name=study_name,
+    )
 
 
 def make_scheduler(sweep: Sweep, max_t: int) -> Any:
@@ -605,6 +641,8 @@ def run_sweep(sweep: Sweep, *, resume: bool = False, address: str | None = None,
     check_sweep_resources(sweep)
     shared, trial_stages = plan_stages(sweep)
 
+    storage_url = optuna_storage_url(sweep, runs_dir)
+    open_optuna_storage(storage_url)
     ensure_experiment(tracking_uri, sweep.experiment, runs_dir)
     if resume:
         parent = RunTracker(tracking_uri, state["parent_run_id"])
@@ -619,6 +657,7 @@ def run_sweep(sweep: Sweep, *, resume: bool = False, address: str | None = None,
             config_yaml=sweep.spec_text or yaml.safe_dump(sweep.base),
         )
         state = {"parent_run_id": parent.run_id, "tune_name": f"{sweep.name}-{time.strftime('%Y%m%d-%H%M%S')}"}
+        parent.set_tags({"ofq.optuna_storage": storage_url, "ofq.optuna_study": state["tune_name"]})
         os.makedirs(os.path.dirname(state_file), exist_ok=True)
         with open(state_file, "w") as handle:
             json.dump(state, handle)
@@ -650,7 +689,7 @@ def run_sweep(sweep: Sweep, *, resume: bool = False, address: str | None = None,
             tuner = tune.Tuner(
                 trainable,
                 tune_config=tune.TuneConfig(
-                    search_alg=make_searcher(sweep),
+                    search_alg=make_searcher(sweep, storage_url, state["tune_name"]),
                     scheduler=make_scheduler(sweep, max_t),
                     num_samples=sweep.tune.num_samples,
                     max_concurrent_trials=sweep.tune.max_concurrent_trials,

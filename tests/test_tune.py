@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import optuna
 import pytest
 import yaml
 from mlflow.tracking import MlflowClient
@@ -247,6 +248,18 @@ def test_resume_after_killing_the_driver_finishes_exactly_num_samples(cluster: d
     assert all(c["status"] == "FINISHED" for c in children), [
         (c["tags"]["ofq.trial_id"], c["status"], sorted(c["metrics"])) for c in children
     ]
+    # The searcher's study lives in Optuna storage beside the MLflow store; the resumed driver continued
+    # it: every trial told once, none left running.
+    parent, _ = _children(uri, "resume")
+    assert parent["tags"]["ofq.optuna_storage"] == f"sqlite:///{tmp_path / 'optuna.db'}"
+    study = optuna.load_study(
+        study_name=parent["tags"]["ofq.optuna_study"], storage=parent["tags"]["ofq.optuna_storage"]
+    )
+    states = [trial.state for trial in study.trials]
+    assert states == [optuna.trial.TrialState.COMPLETE] * 4, states
+    assert sorted(t.params["optim.lr"] for t in study.trials) == sorted(
+        float(c["params"]["search.optim.lr"]) for c in children
+    )
 
 
 def test_ray_job_submit_runs_a_sweep_on_the_cluster(cluster: dict[str, str], tmp_path: Path) -> None:
