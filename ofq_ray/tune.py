@@ -673,8 +673,12 @@ def run_sweep(sweep: Sweep, *, resume: bool = False, address: str | None = None,
             "trial_stages": trial_stages,
             "tune_name": state["tune_name"],
         }
-        max_t = sum(stage_config(sweep, s, {}, init_from=shared_source or _PLACEHOLDER).epochs for s in trial_stages)
+        epochs = [stage_config(sweep, s, {}, init_from=shared_source or _PLACEHOLDER).epochs for s in trial_stages]
+        max_t = sum(epochs)
         context["total_epochs"] = max_t
+        # Only the last stage's epochs can be a trial's checkpoints/best (and so its champion candidate).
+        context["ranked_from_epoch"] = max_t - epochs[-1]
+        parent.set_tags({"ofq.rank.from_epoch": str(max_t - epochs[-1])})
         # Save the experiment state often, so a killed driver loses little (resume picks it up).
         os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "5")
         trainable = tune.with_resources(tune.with_parameters(run_trial, context=context), {"cpu": TRIAL_CPU})
@@ -735,7 +739,8 @@ def _finish(sweep: Sweep, grid: Any, context: dict[str, Any], parent: Any, log: 
         child = children.get(trial_id)
         errored = result.error is not None
         history = sorted(client.get_metric_history(child["run_id"], metric), key=lambda m: m.step) if child else []
-        best_point = rank.best(history, lambda m: m.value)  # the epoch its checkpoints/best holds
+        last_stage = [m for m in history if m.step >= context["ranked_from_epoch"]]
+        best_point = rank.best(last_stage, lambda m: m.value)  # the epoch its checkpoints/best holds
         best_value = best_point.value if best_point is not None else None
         if errored:
             status = "errored"
@@ -771,6 +776,9 @@ def _finish(sweep: Sweep, grid: Any, context: dict[str, Any], parent: Any, log: 
             }
         )
     completed = [t for t in trials if t["status"] == "completed" and t["best"] is not None and t["run_id"]]
+    # Ties (RankConfig.best takes the first): the earlier best epoch, then the earlier started run, as in best_trial.
+    started = {run["run_id"]: run["start_time"] for run in children.values()}
+    completed.sort(key=lambda t: (t["best_epoch"], started[t["run_id"]]))
     best = rank.best(completed, lambda t: t["best"])
     champion = None
     if best is not None and sweep.mlflow.register:
@@ -992,23 +1000,28 @@ def best_trial(name: str, tracking_uri: str, metric: str | None = None, mode: st
     metric = metric or own.metric
     rank = RankConfig(metric, mode or (own.mode if metric == own.metric else "max"))
     children = search_runs(tracking_uri, name, f"tags.`mlflow.parentRunId` = '{parent['run_id']}'")
-    finished = [c for c in children if c["status"] == "FINISHED" and metric in c["metrics"]]
-    if not finished:
-        logged = sorted({m for c in children for m in c["metrics"]})
-        raise ConfigError(
-            f"--metric: sweep {name!r} has no finished trial with metric {metric!r}; "
-            f"logged: {', '.join(logged) or 'nothing'}{metric_hint(metric, logged)}"
-        )
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri)
-    # Rank by each trial's best epoch (its registered checkpoint), as the sweep does when it picks the champion.
+    # Rank by each trial's best epoch of its last stage (its registered checkpoint), as the sweep does when it
+    # picks the champion.
+    first = int(tags.get("ofq.rank.from_epoch", 0))
     peak: dict[str, Any] = {}
-    for child in finished:  # each has the metric, so a history of at least one point
-        history = sorted(client.get_metric_history(child["run_id"], metric), key=lambda m: m.step)
-        peak[child["run_id"]] = rank.best(history, lambda m: m.value)
-    best = rank.best(finished, lambda c: peak[c["run_id"]].value)
-    assert best is not None  # finished is not empty
+    for child in children:
+        if child["status"] == "FINISHED" and metric in child["metrics"]:
+            history = sorted(client.get_metric_history(child["run_id"], metric), key=lambda m: m.step)
+            point = rank.best([m for m in history if m.step >= first], lambda m: m.value)
+            if point is not None:
+                peak[child["run_id"]] = point
+    # Ties as in the champion's choice (_finish): the earlier best epoch, then the earlier started run.
+    candidates = sorted(
+        (c for c in children if c["run_id"] in peak), key=lambda c: (peak[c["run_id"]].step, c["start_time"])
+    )
+    best = rank.best(candidates, lambda c: peak[c["run_id"]].value)
+    if best is None:
+        logged = sorted({m for c in children for m in c["metrics"]})
+        hint = "" if metric in logged else f"; logged: {', '.join(logged) or 'nothing'}{metric_hint(metric, logged)}"
+        raise ConfigError(f"sweep: {name!r} has no finished trial with metric {metric!r}{hint}")
     out = {
         "sweep": name,
         "parent_run_id": parent["run_id"],
