@@ -46,11 +46,12 @@ def _load(args: argparse.Namespace, stage: str | None = None) -> RunConfig:
     return load_config(args.config, overrides)
 
 
-def _summary(result: Any) -> None:
-    best = result.best
+def _summary(config: RunConfig, result: Any) -> None:
+    best, metric = result.best, config.rank.metric
     print(
-        f"\n{result.stage} finished in {result.wall_s:.0f} s: best val/top1 {best.get('val/top1', float('nan')):.2f} "
-        f"(epoch {int(best.get('epoch', -1)) + 1}), last {result.last.get('val/top1', float('nan')):.2f}\n"
+        f"\n{result.stage} finished in {result.wall_s:.0f} s: best {metric} {best.get(metric, float('nan')):.4g} "
+        f"(epoch {int(best.get('epoch', -1)) + 1}, ranked by {metric} {config.rank.mode}; "
+        f"val/top1 {best.get('val/top1', float('nan')):.2f}), last {result.last.get(metric, float('nan')):.4g}\n"
         f"  MLflow run:  {result.run_id}  ({result.tracking_uri})\n"
         f"  checkpoint:  runs:/{result.run_id}/checkpoints/best   (local: {result.best_checkpoint})"
     )
@@ -61,7 +62,8 @@ def _summary(result: Any) -> None:
 def cmd_pretrain(args: argparse.Namespace) -> int:
     from .train import run_training
 
-    _summary(run_training(_load(args, stage="pretrain"), address=args.address))
+    config = _load(args, stage="pretrain")
+    _summary(config, run_training(config, address=args.address))
     return 0
 
 
@@ -73,7 +75,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         raise ConfigError(
             "stage: 'pretrain' is not allowed for `ofq-ray train`; allowed: qat, cga (or `ofq-ray pretrain`)"
         )
-    _summary(run_training(config, address=args.address))
+    _summary(config, run_training(config, address=args.address))
     return 0
 
 
@@ -215,8 +217,8 @@ def build_parser() -> argparse.ArgumentParser:
     tune.set_defaults(func=cmd_tune)
     best = commands.add_parser("best", help="the best trial of a sweep, its metrics and model URI")
     best.add_argument("sweep", help="sweep name (its MLflow experiment)")
-    best.add_argument("--metric", default="val/top1")
-    best.add_argument("--mode", default="max", choices=("max", "min"))
+    best.add_argument("--metric", default=None, help="rank by this metric (default: the sweep's tune.metric)")
+    best.add_argument("--mode", default=None, choices=("max", "min"), help="default: the sweep's tune.mode")
     _store_options(best)
     best.set_defaults(func=cmd_best)
     ui = commands.add_parser("ui", help="the MLflow UI over the project's store, on 127.0.0.1")

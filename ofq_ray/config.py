@@ -9,21 +9,102 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import os
+import re
 import typing
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import IO, Any, TypeVar
 
 import yaml
 
 from .hints import did_you_mean
 from .quant.convert import QuantConfig
+from .quant.oscillation import metric_names as oscillation_metric_names
 
 STAGES = ("pretrain", "qat", "cga")
+# What every epoch of a run reports (train.py's worker loop; tests/test_train.py holds it to that): the
+# names a ranking or a sweep's tune.metric may use.
+EPOCH_METRICS = (
+    "train/loss",
+    "train/top1",
+    "lr",
+    "throughput/img_s",
+    "val/top1",
+    "val/top5",
+    "val/loss",
+    "model/size_bytes",
+    "epoch",
+)
+CGA_METRICS = ("cga/frozen_frac",)
+# Words people use for a metric that spelling alone cannot match ("val/accuracy" is not close to "val/top1").
+_METRIC_WORDS = {"accuracy": "top1", "acc": "top1", "acc1": "top1", "acc5": "top5", "error": "top1", "ce": "loss"}
+
+T = TypeVar("T")
 
 
 class ConfigError(ValueError):
     """A user-facing configuration error (one line; the CLI prints it and exits with status 2)."""
+
+
+def reported_metrics(stage: str, track_oscillation: bool = True) -> tuple[str, ...]:
+    """The metrics every epoch of a ``stage`` run reports: ``osc/*`` only for quantized stages that
+    track oscillation, ``cga/frozen_frac`` only for cga."""
+    names = list(EPOCH_METRICS)
+    if stage != "pretrain" and track_oscillation:
+        names += oscillation_metric_names()
+    if stage == "cga":
+        names += CGA_METRICS
+    return tuple(names)
+
+
+def metric_hint(name: str, allowed: tuple[str, ...] | list[str]) -> str:
+    """The did-you-mean of a metric name: by spelling, or by its word (``val/accuracy`` -> ``val/top1``)."""
+    hint = did_you_mean(name, allowed)
+    if hint:
+        return hint
+    prefix, _, word = name.rpartition("/")
+    guess = f"{prefix or 'val'}/{_METRIC_WORDS.get(word.lower(), word.lower())}"
+    return f" (did you mean {guess!r}?)" if guess in allowed else ""
+
+
+# --- YAML --------------------------------------------------------------------------------------------------
+
+_FLOAT_TAG = "tag:yaml.org,2002:float"
+# YAML 1.1 floats (what PyYAML knows: a dot, an optionally signed exponent, sexagesimal, .inf, .nan) plus
+# YAML 1.2's exponent without a dot ("1e-5", "1E+3"), which PyYAML reads as a string.
+_FLOAT = re.compile(
+    r"""^(?:[-+]?[0-9][0-9_]*\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+    |[-+]?[0-9][0-9_]*[eE][-+]?[0-9]+
+    |[-+]?\.[0-9][0-9_]*(?:[eE][-+]?[0-9]+)?
+    |[-+]?[0-9][0-9_]*(?::[0-5]?[0-9])+\.[0-9_]*
+    |[-+]?\.(?:inf|Inf|INF)
+    |\.(?:nan|NaN|NAN))$""",
+    re.VERBOSE,
+)
+
+
+class _Loader(yaml.SafeLoader):
+    """PyYAML's safe loader with one change: numbers written ``1e-5``, ``1E+3`` or ``.5e-2`` are floats."""
+
+
+_Loader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != _FLOAT_TAG]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_Loader.add_implicit_resolver(_FLOAT_TAG, _FLOAT, list("-+0123456789."))
+
+
+def load_yaml(stream: str | IO[str]) -> Any:
+    """Reads YAML as :func:`yaml.safe_load` does, except that ``1e-5`` is the number, not a string.
+
+    Every YAML read of ofq-ray (run configs, sweep specs, ``--set`` values) goes through here.
+
+    >>> load_yaml("lr: 1e-5\\nrange: [1E+3, .5e-2]\\nn: 3")
+    {'lr': 1e-05, 'range': [1000.0, 0.005], 'n': 3}
+    """
+    return yaml.load(stream, Loader=_Loader)  # a SafeLoader subclass: no arbitrary objects
 
 
 def _spec(
@@ -94,6 +175,42 @@ class TrackingConfig:
 
 
 @dataclass
+class RankConfig:
+    """The metric and mode that rank a run's epochs: Ray's checkpoint retention, the best checkpoint, the
+    ``ofq.<stage>.best_*`` tag and the registered model all read it. A sweep sets it from ``tune.metric``."""
+
+    metric: str = "val/top1"  # one the run reports (checked by RunConfig against its stage)
+    mode: str = field(default="max", metadata=_spec(choices=("max", "min")))
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("max", "min"):
+            raise ConfigError(f"rank.mode: {self.mode!r} is not allowed; allowed: max, min")
+
+    def score(self, value: Any) -> float:
+        """Higher is better: the value, negated for ``min``; -inf for a missing or NaN value."""
+        if value is None or math.isnan(value):
+            return -math.inf
+        return float(value) if self.mode == "max" else -float(value)
+
+    def best(self, items: Iterable[T], value: Callable[[T], Any] | None = None) -> T | None:
+        """The best of ``items`` (the first one on ties, so list epochs in order); ``value`` reads an
+        item's metric (default: ``item[metric]`` of a mapping); None when there are no items."""
+        read = value or (lambda item: typing.cast(dict[str, Any], item).get(self.metric))
+        chosen: T | None = None
+        chosen_score = -math.inf
+        for item in items:
+            score = self.score(read(item))
+            if chosen is None or score > chosen_score:
+                chosen, chosen_score = item, score
+        return chosen
+
+    @property
+    def slug(self) -> str:
+        """The metric as a tag-name fragment: ``val/top1`` -> ``val_top1``."""
+        return re.sub(r"[^0-9A-Za-z_.-]", "_", self.metric)
+
+
+@dataclass
 class RunConfig:
     """One training stage (pretrain, qat or cga) on ``workers`` Ray Train workers."""
 
@@ -105,6 +222,7 @@ class RunConfig:
     kd: KDConfig = field(default_factory=KDConfig)
     cga: CGAConfig = field(default_factory=CGAConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    rank: RankConfig = field(default_factory=RankConfig)
     epochs: int = field(default=10, metadata=_spec(low=1))
     batch_size: int = field(default=128, metadata=_spec(low=1))  # global, split over workers
     eval_batch_size: int = field(default=512, metadata=_spec(low=1))
@@ -155,6 +273,12 @@ class RunConfig:
             )
         if self.stage == "cga" and self.quant.weight_quantizer != "statsq":
             raise ConfigError("quant.weight_quantizer: CGA needs 'statsq'; allowed: statsq")
+        reported = reported_metrics(self.stage, self.track_oscillation)
+        if self.rank.metric not in reported:
+            raise ConfigError(
+                f"rank.metric: {self.rank.metric!r} is not reported by a {self.stage} run; "
+                f"allowed: {', '.join(reported)}{metric_hint(self.rank.metric, reported)}"
+            )
 
     @property
     def has_pretrained(self) -> bool:
@@ -228,11 +352,6 @@ def _coerce(value: Any, hint: Any, meta: dict[str, Any], key: str) -> Any:
         if isinstance(value, bool) or not isinstance(value, int):
             raise bad()
     elif kind is float:
-        if isinstance(value, str):  # YAML reads "1e-4" as a string
-            try:
-                value = float(value)
-            except ValueError:
-                raise bad() from None
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise bad()
         value = float(value)
@@ -287,7 +406,11 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     if "=" not in text:
         raise ConfigError(f"--set: {text!r} is not allowed; allowed: KEY=VALUE, e.g. optim.lr=1e-4")
     key, _, raw = text.partition("=")
-    return key.strip().split("."), yaml.safe_load(raw) if raw.strip() else None
+    try:
+        value = load_yaml(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        raise ConfigError(f"--set: {text!r} is not allowed; the value is not valid YAML") from None
+    return key.strip().split("."), value
 
 
 def apply_override(data: dict[str, Any], path: list[str], value: Any) -> None:
@@ -331,7 +454,7 @@ def load_config(
             raise ConfigError(f"config: {path} does not exist")
         with open(path) as handle:
             try:
-                loaded = yaml.safe_load(handle) or {}
+                loaded = load_yaml(handle) or {}
             except yaml.YAMLError as error:
                 mark = getattr(error, "problem_mark", None)
                 where = f" line {mark.line + 1}" if mark else ""

@@ -27,7 +27,7 @@ from .checkpoint import (
     read_checkpoint,
     save_checkpoint,
 )
-from .config import ConfigError, RunConfig, config_from_dict
+from .config import ConfigError, RankConfig, RunConfig, config_from_dict
 from .data import DatasetInfo, build_datasets, build_loader
 from .engine import LRSchedule, build_optimizer, evaluate, train_one_epoch, unwrap
 from .models import _read_state_dict, create_model, get_spec, load_pretrained, teacher_logits
@@ -313,8 +313,8 @@ def run_training(
             failure_config=ray.train.FailureConfig(max_failures=config.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(
                 num_to_keep=config.keep_checkpoints,
-                checkpoint_score_attribute="val/top1",
-                checkpoint_score_order="max",
+                checkpoint_score_attribute=config.rank.metric,
+                checkpoint_score_order=config.rank.mode,  # type: ignore[arg-type]
             ),
             callbacks=ray_callbacks,
             logging_config=ray.train.LoggingConfig(log_level="WARNING"),  # type: ignore[call-arg]
@@ -327,14 +327,20 @@ def run_training(
         raise
     last_state = read_checkpoint(result.checkpoint.path) if result.checkpoint else None
     history: list[dict[str, float]] = last_state["history"] if last_state else []
-    best_path = _best_checkpoint(result)
+    best_path = _best_checkpoint(result, config.rank)
     last_path = result.checkpoint.path if result.checkpoint else None
     if best_path:
         tracker.log_artifact(best_path, f"{artifact_prefix}checkpoints/best")
     if last_path and last_path != best_path:
         tracker.log_artifact(last_path, f"{artifact_prefix}checkpoints/last")
-    best = max(history, key=lambda row: row.get("val/top1", float("-inf"))) if history else {}
-    tracker.set_tags({f"ofq.{config.stage}.best_val_top1": f"{best.get('val/top1', float('nan')):.4f}"})
+    best = config.rank.best(history) or {}
+    tracker.set_tags(
+        {
+            f"ofq.{config.stage}.best_{config.rank.slug}": f"{best.get(config.rank.metric, float('nan')):.6g}",
+            f"ofq.{config.stage}.best_epoch": str(int(best.get("epoch", -1))),
+            f"ofq.{config.stage}.rank": f"{config.rank.metric} {config.rank.mode}",
+        }
+    )
     if finish_run:
         tracker.finish("FINISHED")
     extra: dict[str, Any] = {}
@@ -360,10 +366,12 @@ def run_training(
     )
 
 
-def _best_checkpoint(result: Any) -> str | None:
-    ranked = [(metrics.get("val/top1", float("-inf")), ckpt.path) for ckpt, metrics in (result.best_checkpoints or [])]
-    if ranked:
-        return max(ranked)[1]
+def _best_checkpoint(result: Any, rank: RankConfig) -> str | None:
+    """The kept checkpoint with the best ranking metric (the earliest epoch on ties)."""
+    kept = sorted(result.best_checkpoints or [], key=lambda pair: pair[1].get("epoch", 0.0))
+    best = rank.best(kept, lambda pair: pair[1].get(rank.metric))
+    if best is not None:
+        return str(best[0].path)
     return result.checkpoint.path if result.checkpoint else None
 
 

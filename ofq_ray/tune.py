@@ -24,7 +24,19 @@ from typing import Any
 import yaml
 from ray.tune import Callback
 
-from .config import ConfigError, RunConfig, _build, _merge, _spec, apply_override, config_from_dict
+from .config import (
+    ConfigError,
+    RankConfig,
+    RunConfig,
+    _build,
+    _merge,
+    _spec,
+    apply_override,
+    config_from_dict,
+    load_yaml,
+    metric_hint,
+    reported_metrics,
+)
 from .hints import did_you_mean
 
 SEARCHERS = ("tpe", "nsga2", "random", "grid")
@@ -51,8 +63,8 @@ TRIAL_CPU = 0.01  # the Tune trial only drives a TorchTrainer; its workers hold 
 @dataclass
 class TuneSettings:
     num_samples: int = field(default=8, metadata=_spec(low=1))
-    metric: Any = "val/top1"  # a name, or a list of names for a multi-objective search
-    mode: Any = "max"  # "max"/"min", or a list matching metric
+    metric: Any = RankConfig.metric  # a name, or a list of names for a multi-objective search
+    mode: Any = RankConfig.mode  # "max"/"min", or a list matching metric
     searcher: str = field(default="auto", metadata=_spec(choices=("auto", *SEARCHERS)))
     scheduler: Any = field(default_factory=lambda: {"asha": {"grace_period": 1, "reduction_factor": 3}})
     max_concurrent_trials: int = field(default=2, metadata=_spec(low=1))
@@ -100,6 +112,11 @@ class Sweep:
     @property
     def experiment(self) -> str:
         return self.mlflow.experiment or self.name
+
+    @property
+    def rank(self) -> RankConfig:
+        """What ranks every trial's epochs and the trials themselves: the first objective."""
+        return RankConfig(self.tune.metrics[0], self.tune.modes[0])
 
 
 # --- parsing and validation ----------------------------------------------------------------------------
@@ -151,7 +168,7 @@ def load_sweep(path: str, overrides: list[str] | tuple[str, ...] = ()) -> Sweep:
     with open(path) as handle:
         text = handle.read()
     try:
-        raw = yaml.safe_load(text) or {}
+        raw = load_yaml(text) or {}
     except yaml.YAMLError:
         raise ConfigError(f"spec: {path} is not valid YAML") from None
     if not isinstance(raw, dict):
@@ -163,7 +180,11 @@ def load_sweep(path: str, overrides: list[str] | tuple[str, ...] = ()) -> Sweep:
         parts = key.strip().split(".")
         if parts[0] == "search" and len(parts) > 2:  # search keys are dotted config keys themselves
             parts = ["search", ".".join(parts[1:])]
-        apply_override(raw, parts, yaml.safe_load(value) if value.strip() else None)
+        try:
+            parsed = load_yaml(value) if value.strip() else None
+        except yaml.YAMLError:
+            raise ConfigError(f"--set: {item!r} is not allowed; the value is not valid YAML") from None
+        apply_override(raw, parts, parsed)
     allowed = ["name", "description", "base", "search", "tune", "mlflow", "stages"]
     for key in raw:
         if key not in allowed:
@@ -178,6 +199,8 @@ def sweep_from_dict(raw: dict[str, Any], text: str = "") -> Sweep:
     base = raw.get("base") or {}
     if not isinstance(base, dict):
         raise ConfigError("base: allowed: a run config mapping")
+    if "rank" in base:
+        raise ConfigError("base.rank: a sweep ranks by tune.metric and tune.mode; allowed: nothing (set tune.metric)")
     base_config = _base_config(base)  # validates the base on its own
     if base_config.stage == "pretrain" and raw.get("stages"):
         raise ConfigError("stages: a pretrain sweep has no earlier stages; allowed: nothing")
@@ -195,9 +218,10 @@ def sweep_from_dict(raw: dict[str, Any], text: str = "") -> Sweep:
     if tune_settings.searcher == "grid" and any(next(iter(d)) not in ("choice", "grid") for d in search.values()):
         raise ConfigError("tune.searcher: 'grid' needs every search key as choice/grid; allowed: tpe, nsga2, random")
     sweep = Sweep(str(name), base, search, tune_settings, mlflow_settings, stages, text)
+    _check_metrics(sweep)
     for key, dist in search.items():  # every candidate value must make a valid run config
         for value in _candidate_values(dist):
-            if key.split(".")[0] in ("stage", "init_from", "runs_dir", "tracking"):
+            if key.split(".")[0] in ("stage", "init_from", "runs_dir", "tracking", "rank"):
                 raise ConfigError(
                     f"search.{key}: this key cannot be searched; "
                     "allowed: model, data, quant, optim, kd, cga, epochs, ..."
@@ -251,6 +275,24 @@ def _check_tune(settings: TuneSettings) -> None:
         raise ConfigError("tune.searcher: 'nsga2' needs several metrics; allowed: tpe, random, grid for one metric")
 
 
+def _check_metrics(sweep: Sweep) -> None:
+    """Every tune.metric must be one that each stage a trial runs reports (Ray's strict metric check
+    would fail the trial only after the shared stages trained)."""
+    base = _base_config(sweep.base)
+    _, trial_stages = plan_stages(sweep)
+    per_stage = [
+        reported_metrics(stage, bool(sweep.stages.get(stage, {}).get("track_oscillation", base.track_oscillation)))
+        for stage in trial_stages
+    ]
+    allowed = [m for m in per_stage[0] if all(m in names for names in per_stage)]
+    for metric in sweep.tune.metrics:
+        if metric not in allowed:
+            raise ConfigError(
+                f"tune.metric: {metric!r} is not reported by a {' + '.join(trial_stages)} trial; "
+                f"allowed: {', '.join(allowed)}{metric_hint(metric, allowed)}"
+            )
+
+
 # --- planning ------------------------------------------------------------------------------------------
 
 
@@ -301,6 +343,8 @@ def stage_config(sweep: Sweep, stage: str, values: dict[str, Any], init_from: st
     data["use_gpu"] = bool(resources.get("GPU", 0))
     data["cpus_per_worker"] = float(resources.get("CPU", 1))
     data["keep_checkpoints"] = sweep.tune.keep_checkpoints
+    if stage in plan_stages(sweep)[1]:  # a trial's stages rank by the sweep's metric; shared ones keep their own
+        data["rank"] = {"metric": sweep.rank.metric, "mode": sweep.rank.mode}
     if stage != "pretrain" and init_from is None and data.get("init_from") is None:
         raise ConfigError(f"stages.{stage}: no checkpoint to start from")
     try:
@@ -653,7 +697,12 @@ def run_sweep(sweep: Sweep, *, resume: bool = False, address: str | None = None,
             runs_dir,
             run_name=f"sweep-{sweep.name}",
             params={**flatten({"search": sweep.search}), **flatten({"tune": dataclasses.asdict(sweep.tune)})},
-            tags={"ofq.sweep": sweep.name, "ofq.kind": "sweep"},
+            tags={
+                "ofq.sweep": sweep.name,
+                "ofq.kind": "sweep",
+                "ofq.rank.metric": sweep.rank.metric,
+                "ofq.rank.mode": sweep.rank.mode,
+            },
             config_yaml=sweep.spec_text or yaml.safe_dump(sweep.base),
         )
         state = {"parent_run_id": parent.run_id, "tune_name": f"{sweep.name}-{time.strftime('%Y%m%d-%H%M%S')}"}
@@ -675,8 +724,12 @@ def run_sweep(sweep: Sweep, *, resume: bool = False, address: str | None = None,
             "trial_stages": trial_stages,
             "tune_name": state["tune_name"],
         }
-        max_t = sum(stage_config(sweep, s, {}, init_from=shared_source or _PLACEHOLDER).epochs for s in trial_stages)
+        epochs = [stage_config(sweep, s, {}, init_from=shared_source or _PLACEHOLDER).epochs for s in trial_stages]
+        max_t = sum(epochs)
         context["total_epochs"] = max_t
+        # Only the last stage's epochs can be a trial's checkpoints/best (and so its champion candidate).
+        context["ranked_from_epoch"] = max_t - epochs[-1]
+        parent.set_tags({"ofq.rank.from_epoch": str(max_t - epochs[-1])})
         # Save the experiment state often, so a killed driver loses little (resume picks it up).
         os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "5")
         trainable = tune.with_resources(tune.with_parameters(run_trial, context=context), {"cpu": TRIAL_CPU})
@@ -720,7 +773,8 @@ def _finish(sweep: Sweep, grid: Any, context: dict[str, Any], parent: Any, log: 
     from .tracking import RunTracker, register_checkpoint, sanitize_model_name, search_runs
 
     uri, runs_dir = context["tracking_uri"], context["runs_dir"]
-    metric, mode = sweep.tune.metrics[0], sweep.tune.modes[0]
+    rank = sweep.rank
+    metric = rank.metric
     children = {
         run["tags"].get("ofq.trial_id"): run
         for run in search_runs(uri, sweep.experiment, f"tags.`mlflow.parentRunId` = '{parent.run_id}'")
@@ -735,9 +789,10 @@ def _finish(sweep: Sweep, grid: Any, context: dict[str, Any], parent: Any, log: 
         trial_id = os.path.basename(result.path)  # see trial_dirname
         child = children.get(trial_id)
         errored = result.error is not None
-        history = client.get_metric_history(child["run_id"], metric) if child else []
-        values = [m.value for m in history]
-        best_value = (max(values) if mode == "max" else min(values)) if values else None
+        history = sorted(client.get_metric_history(child["run_id"], metric), key=lambda m: m.step) if child else []
+        last_stage = [m for m in history if m.step >= context["ranked_from_epoch"]]
+        best_point = rank.best(last_stage, lambda m: m.value)  # the epoch its checkpoints/best holds
+        best_value = best_point.value if best_point is not None else None
         if errored:
             status = "errored"
         elif child is not None and child["status"] == "FINISHED":
@@ -761,6 +816,7 @@ def _finish(sweep: Sweep, grid: Any, context: dict[str, Any], parent: Any, log: 
                 "status": status,
                 "epochs": len({m.step for m in history}),
                 "best": best_value,
+                "best_epoch": best_point.step if best_point is not None else None,
                 # the first objective at its best epoch (the checkpoint kept), the others as last reported
                 "objectives": {
                     m: best_value if m == metric else (child["metrics"].get(m) if child else None)
@@ -771,14 +827,26 @@ def _finish(sweep: Sweep, grid: Any, context: dict[str, Any], parent: Any, log: 
             }
         )
     completed = [t for t in trials if t["status"] == "completed" and t["best"] is not None and t["run_id"]]
-    best = (max if mode == "max" else min)(completed, key=lambda t: t["best"]) if completed else None
+    # Ties (RankConfig.best takes the first): the earlier best epoch, then the earlier started run, as in best_trial.
+    started = {run["run_id"]: run["start_time"] for run in children.values()}
+    completed.sort(key=lambda t: (t["best_epoch"], started[t["run_id"]]))
+    best = rank.best(completed, lambda t: t["best"])
     champion = None
     if best is not None and sweep.mlflow.register:
         name = sanitize_model_name(sweep.name)
-        version = register_checkpoint(uri, best["run_id"], "checkpoints/best", name, tags={"ofq.sweep": sweep.name})
+        tags = {
+            "ofq.sweep": sweep.name,
+            "ofq.rank": f"{metric} {rank.mode}",
+            f"ofq.best_{rank.slug}": _fmt(best["best"]),
+            "ofq.best_epoch": str(best["best_epoch"]),
+        }
+        version = register_checkpoint(uri, best["run_id"], "checkpoints/best", name, tags=tags)
         champion = f"models:/{name}@champion"
         parent.set_tags({"ofq.champion": f"{champion} (version {version})"})
-        log(f"[sweep] champion: trial {best['trial_id']} {metric} {best['best']:.2f} -> {champion} (version {version})")
+        log(
+            f"[sweep] champion: trial {best['trial_id']} {metric} {best['best']:.4g} (epoch {best['best_epoch']}) "
+            f"-> {champion} (version {version})"
+        )
     pareto = _pareto_front(trials, sweep) if sweep.tune.multi_objective else []
     bytes_kept = _bytes_kept(runs_dir, context["tune_name"], sweep.experiment)
     result = SweepResult(sweep.name, parent.run_id, uri, trials, best, champion, 0.0, bytes_kept, pareto)
@@ -787,9 +855,12 @@ def _finish(sweep: Sweep, grid: Any, context: dict[str, Any], parent: Any, log: 
 
 
 def _finish_in_driver(run_id: str, uri: str, runs_dir: str, context: dict[str, Any], trial_id: str) -> bool:
-    """Logs the best kept checkpoint of a fully trained trial's last stage and closes its run."""
+    """Logs the best kept checkpoint (by the sweep's ranking) of a fully trained trial's last stage and
+    closes its run."""
     from .checkpoint import CheckpointError, read_checkpoint
     from .tracking import RunTracker
+
+    rank: RankConfig = context["sweep"].rank
 
     stage_dir = os.path.join(runs_dir, "ray", f"{context['tune_name']}-{trial_id}-{context['trial_stages'][-1]}")
     candidates = []
@@ -800,12 +871,21 @@ def _finish_in_driver(run_id: str, uri: str, runs_dir: str, context: dict[str, A
                 history = read_checkpoint(path)["history"]
             except CheckpointError:
                 continue
-            candidates.append((history[-1].get("val/top1", float("-inf")), path))
-    if not candidates:
+            candidates.append((history[-1], path))
+    best = rank.best(sorted(candidates, key=lambda c: c[0].get("epoch", 0.0)), lambda c: c[0].get(rank.metric))
+    if best is None:
         return False
     tracker = RunTracker(uri, run_id)
-    tracker.log_artifact(max(candidates)[1], "checkpoints/best")
-    tracker.set_tags({"ofq.finished_by": "sweep driver"})
+    tracker.log_artifact(best[1], "checkpoints/best")
+    stage = context["trial_stages"][-1]
+    tracker.set_tags(
+        {
+            "ofq.finished_by": "sweep driver",
+            f"ofq.{stage}.best_{rank.slug}": _fmt(best[0].get(rank.metric)),
+            f"ofq.{stage}.best_epoch": str(int(best[0].get("epoch", -1))),
+            f"ofq.{stage}.rank": f"{rank.metric} {rank.mode}",
+        }
+    )
     tracker.finish("FINISHED")
     return True
 
@@ -954,31 +1034,53 @@ def _plots(sweep: Sweep, result: SweepResult, folder: str) -> dict[str, str]:
 # --- after the sweep ---------------------------------------------------------------------------------------
 
 
-def best_trial(name: str, tracking_uri: str, metric: str = "val/top1", mode: str = "max") -> dict[str, Any]:
-    """The best finished trial of the latest sweep named ``name`` (for ``ofq-ray best``)."""
+def best_trial(name: str, tracking_uri: str, metric: str | None = None, mode: str | None = None) -> dict[str, Any]:
+    """The best finished trial of the latest sweep named ``name`` (for ``ofq-ray best``).
+
+    ``metric``/``mode`` default to the sweep's own ranking (its ``tune.metric``/``tune.mode``, which
+    also chose each trial's checkpoint and the champion); ``val/top1``/``max`` for sweeps that predate it.
+    """
     from .tracking import resolve_alias, sanitize_model_name, search_runs
 
     parents = search_runs(tracking_uri, name, "tags.`ofq.kind` = 'sweep'", order_by=["attributes.start_time DESC"])
     if not parents:
         raise ConfigError(f"sweep: no sweep named {name!r} in {tracking_uri}")
     parent = parents[0]
+    tags = parent["tags"]
+    own = RankConfig(tags.get("ofq.rank.metric", RankConfig.metric), tags.get("ofq.rank.mode", RankConfig.mode))
+    metric = metric or own.metric
+    rank = RankConfig(metric, mode or (own.mode if metric == own.metric else "max"))
     children = search_runs(tracking_uri, name, f"tags.`mlflow.parentRunId` = '{parent['run_id']}'")
-    finished = [c for c in children if c["status"] == "FINISHED" and metric in c["metrics"]]
-    if not finished:
-        raise ConfigError(f"sweep: {name!r} has no finished trial with metric {metric!r}")
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri)
-    pick = max if mode == "max" else min
-    # Rank by each trial's best epoch (its registered checkpoint), as the sweep does when it picks the champion.
-    peak = {c["run_id"]: pick(m.value for m in client.get_metric_history(c["run_id"], metric)) for c in finished}
-    best = pick(finished, key=lambda c: peak[c["run_id"]])
+    # Rank by each trial's best epoch of its last stage (its registered checkpoint), as the sweep does when it
+    # picks the champion.
+    first = int(tags.get("ofq.rank.from_epoch", 0))
+    peak: dict[str, Any] = {}
+    for child in children:
+        if child["status"] == "FINISHED" and metric in child["metrics"]:
+            history = sorted(client.get_metric_history(child["run_id"], metric), key=lambda m: m.step)
+            point = rank.best([m for m in history if m.step >= first], lambda m: m.value)
+            if point is not None:
+                peak[child["run_id"]] = point
+    # Ties as in the champion's choice (_finish): the earlier best epoch, then the earlier started run.
+    candidates = sorted(
+        (c for c in children if c["run_id"] in peak), key=lambda c: (peak[c["run_id"]].step, c["start_time"])
+    )
+    best = rank.best(candidates, lambda c: peak[c["run_id"]].value)
+    if best is None:
+        logged = sorted({m for c in children for m in c["metrics"]})
+        hint = "" if metric in logged else f"; logged: {', '.join(logged) or 'nothing'}{metric_hint(metric, logged)}"
+        raise ConfigError(f"sweep: {name!r} has no finished trial with metric {metric!r}{hint}")
     out = {
         "sweep": name,
         "parent_run_id": parent["run_id"],
         "trial_id": best["tags"].get("ofq.trial_id"),
         "run_id": best["run_id"],
-        f"best_{metric}": peak[best["run_id"]],
+        "rank": f"{rank.metric} {rank.mode}",
+        f"best_{metric}": peak[best["run_id"]].value,
+        "best_epoch": peak[best["run_id"]].step,
         "metrics": best["metrics"],
         "params": {k[len("search.") :]: v for k, v in best["params"].items() if k.startswith("search.")},
         "checkpoint_uri": f"runs:/{best['run_id']}/checkpoints/best",

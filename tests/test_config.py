@@ -6,9 +6,10 @@ from pathlib import Path
 
 import pytest
 
-from ofq_ray.config import ConfigError, load_config, parse_bits
+from ofq_ray.cli import main
+from ofq_ray.config import ConfigError, RankConfig, load_config, load_yaml, parse_bits, reported_metrics
 from ofq_ray.engine import LRSchedule
-from ofq_ray.tune import load_sweep, plan_stages
+from ofq_ray.tune import load_sweep, plan_stages, stage_config
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -54,6 +55,13 @@ def test_overrides_are_typed_from_yaml_and_validated() -> None:
         (["stage=qat"], r"^kd\.teacher: None is not allowed"),
         (["quant.bits=2-2"], r"^quant\.bits: '2-2' is not allowed"),
         (["optim.lr"], r"^--set: 'optim\.lr' is not allowed; allowed: KEY=VALUE"),
+        (
+            ["rank.metric=val/accuracy"],
+            r"^rank\.metric: 'val/accuracy' is not reported by a pretrain run; "
+            r"allowed: .* \(did you mean 'val/top1'\?\)$",
+        ),
+        (["rank.metric=osc/mean_freq"], r"^rank\.metric: 'osc/mean_freq' is not reported by a pretrain run"),
+        (["rank.mode=lowest"], r"^rank\.mode: 'lowest' is not allowed; allowed: max, min"),
     ],
 )
 def test_config_errors_are_one_line_and_name_the_key(overrides: list[str], message: str) -> None:
@@ -109,3 +117,77 @@ def test_pareto_front_keeps_stopped_trials_and_drops_dominated_and_errored_ones(
         trial("middle", "completed", 82.0, 200_000),
     ]
     assert {t["trial_id"] for t in _pareto_front(trials, sweep)} == {"big", "small_stopped", "middle"}
+
+
+def test_yaml_numbers_in_exponent_form_are_numbers_everywhere(tmp_path: Path) -> None:
+    assert load_yaml("[1e-5, 1E+3, .5e-2, -2e3, 1.0e-6, 3, 1.2.3, e5, '1e-5', 2026-11-28]")[:9] == [
+        1e-5,
+        1e3,
+        5e-3,
+        -2e3,
+        1e-6,
+        3,
+        "1.2.3",
+        "e5",
+        "1e-5",  # quoted: a string, as the user wrote it
+    ]
+    run = tmp_path / "run.yaml"
+    run.write_text("stage: pretrain\noptim: {lr: 3e-4, min_lr: 1E-6}\n")
+    config = load_config(str(run), ["optim.warmup_lr=5e-7"])
+    assert (config.optim.lr, config.optim.min_lr, config.optim.warmup_lr) == (3e-4, 1e-6, 5e-7)
+    with pytest.raises(ConfigError, match=r"^optim\.lr: '3e-4' is not allowed; allowed: a number > 0$"):
+        load_config(None, ["optim.lr='3e-4'"])  # no second, scattered string-to-number conversion
+    spec = (REPO / "search_spaces" / "lr.yaml").read_text()
+    written = tmp_path / "lr.yaml"
+    written.write_text(spec.replace("{loguniform: [1.0e-4, 3.0e-3]}", "{loguniform: [1e-5, 1e-3]}"))
+    sweep = load_sweep(str(written), ["base.optim.weight_decay=1e-2", "search.optim.weight_decay={uniform: [0, 1e-1]}"])
+    assert sweep.search["optim.lr"] == {"loguniform": [1e-5, 1e-3]}
+    assert sweep.search["optim.weight_decay"] == {"uniform": [0.0, 0.1]}
+    assert sweep.base["optim"]["weight_decay"] == 1e-2
+
+
+def test_the_ranking_defaults_to_top1_and_a_sweep_ranks_its_trial_stages_by_its_metric() -> None:
+    assert load_config(None, ["stage=pretrain"]).rank == RankConfig("val/top1", "max")
+    sweep = load_sweep(str(REPO / "search_spaces" / "cga.yaml"), ["tune.metric=val/loss", "tune.mode=min"])
+    shared, per_trial = plan_stages(sweep)
+    ranks = {stage: stage_config(sweep, stage, {}, init_from="runs:/x/checkpoints/best").rank for stage in shared}
+    ranks["cga"] = stage_config(sweep, "cga", {}, init_from="runs:/x/checkpoints/best").rank
+    # shared stages keep their own ranking (and so their cache entry); the trial's stage takes the sweep's
+    assert ranks == {"pretrain": RankConfig(), "qat": RankConfig(), "cga": RankConfig("val/loss", "min")}
+    assert per_trial == ["cga"]
+    assert {"cga/frozen_frac", "osc/mean_freq"} <= set(reported_metrics("cga"))
+    assert not {"cga/frozen_frac", "osc/mean_freq"} & set(reported_metrics("pretrain"))
+    assert "osc/mean_freq" not in reported_metrics("qat", track_oscillation=False)
+
+
+def test_rank_best_prefers_the_earliest_on_ties_and_skips_nan() -> None:
+    rows = [{"val/loss": float("nan")}, {"val/loss": 0.7}, {"val/loss": 0.4}, {"val/loss": 0.4}, {}]
+    assert RankConfig("val/loss", "min").best(rows) is rows[2]
+    assert RankConfig("val/loss", "max").best(rows) is rows[1]
+    assert RankConfig().best([]) is None
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (
+            ["tune.metric=val/accuracy"],
+            "tune.metric: 'val/accuracy' is not reported by a qat trial; allowed: train/loss, train/top1, lr, "
+            "throughput/img_s, val/top1, val/top5, val/loss, model/size_bytes, epoch, osc/mean_freq, "
+            "osc/frac_gt_0.005, osc/frac_gt_0.01, osc/flip_rate (did you mean 'val/top1'?)",
+        ),
+        (["tune.metric=[val/top1, model/bytes]", "tune.mode=[max, min]"], "tune.metric: 'model/bytes' is not reported"),
+        (["tune.metric=cga/frozen_frac"], "tune.metric: 'cga/frozen_frac' is not reported by a qat trial"),
+        (["base.track_oscillation=false", "tune.metric=osc/mean_freq"], "tune.metric: 'osc/mean_freq' is not reported"),
+        (["base.rank={metric: val/loss, mode: min}"], "base.rank: a sweep ranks by tune.metric and tune.mode"),
+    ],
+)
+def test_a_bad_sweep_metric_is_one_line_exit_2_before_anything_is_written(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], overrides: list[str], message: str
+) -> None:
+    runs = tmp_path / "runs"
+    args = ["tune", str(REPO / "search_spaces" / "lr.yaml"), f"--set=base.runs_dir={runs}"]
+    assert main([*args, *(f"--set={o}" for o in overrides)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("ofq-ray: error: ") and message in err, err
+    assert not runs.exists()  # no MLflow store, no Ray storage: nothing was trained or written

@@ -14,9 +14,9 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from ofq_ray.checkpoint import CheckpointError, model_from_checkpoint, read_checkpoint
-from ofq_ray.config import ConfigError, load_config
+from ofq_ray.config import ConfigError, RankConfig, load_config, reported_metrics
 from ofq_ray.tracking import RunTracker
-from ofq_ray.train import TrainingResult, dataset_info, prepare_sources, run_training
+from ofq_ray.train import TrainingResult, _best_checkpoint, dataset_info, prepare_sources, run_training
 
 pytestmark = pytest.mark.integration
 
@@ -60,6 +60,7 @@ def pretrained(ray_session: None, runs_dir: Path) -> TrainingResult:
 
 def test_pretrain_learns_and_logs_one_run_with_contiguous_epochs(pretrained: TrainingResult) -> None:
     assert pretrained.best["val/top1"] > 70.0  # 10 classes: chance is 10 %
+    assert set(pretrained.history[-1]) == set(reported_metrics("pretrain"))  # what rank/tune.metric may name
     assert metric_steps(pretrained, "val/top1") == list(range(12))
     assert metric_steps(pretrained, "train/loss") == list(range(12))
     runs = MlflowClient(pretrained.tracking_uri).search_runs(
@@ -95,6 +96,7 @@ def test_qat_with_kd_then_cga_chain(pretrained: TrainingResult, runs_dir: Path) 
         )
     )
     assert qat.best["val/top1"] > pretrained.best["val/top1"] - 15.0
+    assert set(qat.history[-1]) == set(reported_metrics("qat"))
     assert metric_steps(qat, "osc/mean_freq") == [0, 1, 2]
     cga = run_training(
         config(
@@ -109,6 +111,7 @@ def test_qat_with_kd_then_cga_chain(pretrained: TrainingResult, runs_dir: Path) 
         )
     )
     assert cga.best["val/top1"] > 50.0
+    assert set(cga.history[-1]) == set(reported_metrics("cga"))
     assert metric_steps(cga, "cga/frozen_frac") == [0, 1]
     assert cga.last["cga/frozen_frac"] > 0.9  # BR 0.005 freezes almost everything
     state = read_checkpoint(cga.last_checkpoint)  # type: ignore[arg-type]
@@ -172,6 +175,43 @@ def test_pretrained_weights_without_a_head_for_these_classes_cannot_teach(tmp_pa
     file_state = torch.load(weights, weights_only=True)
     assert torch.equal(sources["init_weights"]["blocks.0.mlp.fc1.weight"], file_state["blocks.0.mlp.fc1.weight"])
     assert sources["init_weights"]["head.weight"].shape == (10, file_state["head.weight"].shape[1])
+
+
+def test_the_ranking_metric_chooses_the_kept_checkpoint_the_best_row_and_the_tag(
+    ray_session: None, runs_dir: Path
+) -> None:
+    # lr falls every epoch under the cosine schedule while top-1 rises: ranked by lr (max), the first
+    # epoch is the best, and Ray must keep that checkpoint (keep 1), not the most accurate one.
+    cfg = config(
+        runs_dir,
+        stage="pretrain",
+        epochs=3,
+        data__train_subset=256,
+        optim__lr=3e-3,
+        keep_checkpoints=1,
+        rank={"metric": "lr", "mode": "max"},
+        tracking__experiment="rank",
+    )
+    result = run_training(cfg)
+    assert [row["lr"] for row in result.history] == sorted((row["lr"] for row in result.history), reverse=True)
+    assert result.best == result.history[0]
+    assert read_checkpoint(result.best_checkpoint)["epoch"] == 1  # type: ignore[arg-type]
+    tags = RunTracker(result.tracking_uri, result.run_id).info()["tags"]
+    assert tags["ofq.pretrain.best_lr"] == f"{result.history[0]['lr']:.6g}"
+    assert tags["ofq.pretrain.best_epoch"] == "0" and tags["ofq.pretrain.rank"] == "lr max"
+
+
+def test_best_checkpoint_follows_the_mode_takes_the_earliest_tie_and_skips_nan() -> None:
+    from types import SimpleNamespace
+
+    def kept(*rows: tuple[str, float, float]) -> Any:
+        pairs = [(SimpleNamespace(path=path), {"epoch": epoch, "val/loss": loss}) for path, epoch, loss in rows]
+        return SimpleNamespace(best_checkpoints=pairs, checkpoint=SimpleNamespace(path="last"))
+
+    result = kept(("c3", 3.0, 0.2), ("c1", 1.0, 0.2), ("c0", 0.0, float("nan")), ("c2", 2.0, 0.5))
+    assert _best_checkpoint(result, RankConfig("val/loss", "min")) == "c1"
+    assert _best_checkpoint(result, RankConfig("val/loss", "max")) == "c2"
+    assert _best_checkpoint(kept(), RankConfig()) == "last"
 
 
 def test_a_killed_worker_resumes_from_the_last_checkpoint(

@@ -18,12 +18,12 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
-from ofq_ray.checkpoint import load_model
+from ofq_ray.checkpoint import load_model, read_checkpoint
 from ofq_ray.data import build_datasets, build_loader
 from ofq_ray.engine import evaluate
 from ofq_ray.sweep.mo_asha import MultiObjectiveASHA
-from ofq_ray.tracking import default_tracking_uri, resolve_alias, search_runs
-from ofq_ray.tune import load_sweep, make_scheduler, run_sweep
+from ofq_ray.tracking import default_tracking_uri, download_artifacts, resolve_alias, search_runs
+from ofq_ray.tune import best_trial, load_sweep, make_scheduler, run_sweep
 
 pytestmark = pytest.mark.integration
 REPO = Path(__file__).resolve().parents[1]
@@ -213,6 +213,32 @@ def test_shared_stage_is_trained_once_and_reused_by_the_next_sweep(
     }
     first = min(histories, key=lambda run_id: min(m.timestamp for m in histories[run_id] if m.step == 0))
     assert sorted(m.step for m in histories[first]) == [0, 1, 2]
+
+
+def test_a_sweep_ranked_by_val_loss_registers_the_trial_and_the_epoch_with_the_lowest_loss(
+    smoke: tuple[Any, Path], cluster: dict[str, str]
+) -> None:
+    # In smoke's store, so the shared FP stage comes from the cache; no ASHA: every trial finishes.
+    _, runs = smoke
+    uri = default_tracking_uri(str(runs))
+    spec = _spec(runs, "rank-loss", num_samples=3, scheduler="none", metric="val/loss", mode="min")
+    result = run_sweep(load_sweep(str(_write(runs / "rank-loss.yaml", spec))), address=cluster["address"])
+    _, children = _children(uri, "rank-loss")
+    assert len(children) == 3 and all(c["status"] == "FINISHED" for c in children)
+    client = MlflowClient(uri)
+    lowest = {  # each trial's lowest val/loss point (the earliest epoch on a tie), from MLflow's histories
+        c["run_id"]: min(client.get_metric_history(c["run_id"], "val/loss"), key=lambda m: (m.value, m.step))
+        for c in children
+    }
+    champion = min(lowest, key=lambda run_id: lowest[run_id].value)
+    alias = resolve_alias(uri, "rank-loss")
+    assert alias["run_id"] == champion == result.best["run_id"]
+    assert alias["tags"]["ofq.rank"] == "val/loss min"
+    registered = read_checkpoint(download_artifacts("models:/rank-loss@champion", tracking_uri=uri))
+    assert registered["history"][-1]["epoch"] == lowest[champion].step  # that trial's lowest-loss epoch
+    assert registered["history"][-1]["val/loss"] == pytest.approx(lowest[champion].value)
+    best = best_trial("rank-loss", uri)  # `ofq-ray best` ranks by the sweep's own metric by default
+    assert (best["run_id"], best["rank"], best["best_epoch"]) == (champion, "val/loss min", lowest[champion].step)
 
 
 def test_resume_after_killing_the_driver_finishes_exactly_num_samples(cluster: dict[str, str], tmp_path: Path) -> None:

@@ -20,6 +20,17 @@ from torch import nn
 from .layers import WeightSource, iter_quantized_weights
 
 _FIELDS = ("previous_codes", "last_direction", "frequency", "oscillations", "window_flips")
+DEFAULT_THRESHOLDS = (0.005, 0.01)
+
+
+def _statistic_keys(thresholds: Sequence[float]) -> list[str]:
+    return ["mean_freq", *(f"frac_gt_{t:g}" for t in thresholds), "flip_rate", "oscillations"]
+
+
+def metric_names(thresholds: Sequence[float] = DEFAULT_THRESHOLDS, prefix: str = "osc/") -> list[str]:
+    """The keys :meth:`OscillationTracker.metrics` returns, known before any model exists (to validate
+    a metric a config names)."""
+    return [f"{prefix}{key}" for key in _statistic_keys(thresholds)[:-1]]
 
 
 @dataclass
@@ -130,7 +141,7 @@ class OscillationTracker:
         model: nn.Module,
         momentum: float = 0.01,
         roles: Iterable[str] = ("block",),
-        thresholds: Sequence[float] = (0.005, 0.01),
+        thresholds: Sequence[float] = DEFAULT_THRESHOLDS,
     ) -> None:
         self.momentum = _check_fraction(momentum, "oscillation.momentum", "a number in (0, 1]", low_open=True)
         self.thresholds = tuple(
@@ -169,7 +180,7 @@ class OscillationTracker:
             self.window_steps += 1
 
     def _stat_keys(self) -> list[str]:
-        return ["mean_freq", *(f"frac_gt_{t:g}" for t in self.thresholds), "flip_rate", "oscillations"]
+        return _statistic_keys(self.thresholds)
 
     @torch.no_grad()
     def _tensor_stats(self) -> dict[str, dict[str, float | int]]:
