@@ -131,31 +131,25 @@ class Sources:
 PRETRAINED = "pretrained:"  # teacher source prefix: the float weights of model.pretrained(_path)
 
 
-def pretrained_weights(config: RunConfig, info: DatasetInfo, source: str, *, teacher: bool = False) -> Any:
+def pretrained_weights(config: RunConfig, info: DatasetInfo, source: str) -> tuple[Any, bool]:
     """The float state dict of ``config.model`` with pretrained weights (``source``: a file, or ``timm`` for
-    timm's hub). Heads whose class count differs start fresh (seeded), which a teacher cannot do."""
+    timm's hub), and whether its classifier head started fresh (seeded) for another class count."""
+    hub = source == "timm"
     with torch.random.fork_rng():
         torch.manual_seed(config.seed)
         try:
-            if source == "timm":
-                model = create_model(
-                    config.model.name, info.num_classes, in_chans=info.in_chans, img_size=info.img_size, pretrained=True
+            model = create_model(
+                config.model.name, info.num_classes, in_chans=info.in_chans, img_size=info.img_size, pretrained=hub
+            )
+            if hub:
+                fresh_head = (
+                    getattr(model, "pretrained_cfg", {}).get("num_classes", info.num_classes) != info.num_classes
                 )
-                classes = getattr(model, "pretrained_cfg", {}).get("num_classes", info.num_classes)
-                fresh_head = classes != info.num_classes
             else:
-                model = create_model(
-                    config.model.name, info.num_classes, in_chans=info.in_chans, img_size=info.img_size
-                )
                 fresh_head = bool(load_pretrained(model, source))
         except ValueError as error:
             raise ConfigError(str(error)) from None
-    if teacher and fresh_head:
-        raise ConfigError(
-            f"kd.teacher: the pretrained weights ({source}) have no head for {info.num_classes} classes; "
-            "allowed: an FP checkpoint trained on this data as kd.teacher (or kd.enabled=false)"
-        )
-    return model.state_dict()
+    return model.state_dict(), fresh_head
 
 
 def prepare_sources(config: RunConfig, tracking_uri: str, info: DatasetInfo) -> tuple[dict[str, Any], str | None]:
@@ -166,9 +160,11 @@ def prepare_sources(config: RunConfig, tracking_uri: str, info: DatasetInfo) -> 
     """
     out: dict[str, Any] = {}
     teacher_source = config.kd.teacher
+    loaded: dict[str, tuple[Any, bool]] = {}  # pretrained source -> (weights, fresh head): read once
     if config.init_from is None and config.stage != "cga" and config.has_pretrained:
         source = os.path.abspath(config.model.pretrained_path) if config.model.pretrained_path else "timm"
-        out["init_weights"] = pretrained_weights(config, info, source)
+        loaded[source] = pretrained_weights(config, info, source)
+        out["init_weights"] = loaded[source][0]
         if config.stage == "qat" and config.kd.enabled:
             teacher_source = teacher_source or PRETRAINED + source
     if config.init_from is not None:
@@ -194,7 +190,13 @@ def prepare_sources(config: RunConfig, tracking_uri: str, info: DatasetInfo) -> 
             raise ConfigError("kd.teacher: no teacher found; allowed: an FP checkpoint path or MLflow URI")
         if teacher_source.startswith(PRETRAINED):
             source = teacher_source[len(PRETRAINED) :]
-            out["teacher_weights"] = pretrained_weights(config, info, source, teacher=True)
+            weights, fresh_head = loaded.get(source) or pretrained_weights(config, info, source)
+            if fresh_head:
+                raise ConfigError(
+                    f"kd.teacher: the pretrained weights ({source}) have no head for {info.num_classes} classes; "
+                    "allowed: an FP checkpoint trained on this data as kd.teacher (or kd.enabled=false)"
+                )
+            out["teacher_weights"] = weights
         else:
             out["teacher_weights"] = _float_weights(
                 resolve_source(teacher_source, tracking_uri, "kd.teacher"), "kd.teacher"

@@ -391,9 +391,10 @@ def open_optuna_storage(url: str) -> Any:
         raise ConfigError(f"tune.optuna_storage: cannot open {url} ({type(error).__name__})") from None
 
 
-def make_searcher(sweep: Sweep, storage_url: str | None = None, study_name: str | None = None) -> Any:
-    """OptunaSearch with the sweep's sampler; with ``storage_url`` its study is kept in that database under
-    ``study_name`` (so optuna-dashboard can watch it and --resume continues it), else in memory."""
+def make_searcher(sweep: Sweep, storage: Any = None, study_name: str | None = None) -> Any:
+    """OptunaSearch with the sweep's sampler; with ``storage`` (see :func:`open_optuna_storage`) its study
+    is kept in that database under ``study_name`` (so optuna-dashboard can watch it and --resume
+    continues it), else in memory."""
     import optuna
     from ray.tune.search.optuna import OptunaSearch
 
@@ -412,7 +413,6 @@ def make_searcher(sweep: Sweep, storage_url: str | None = None, study_name: str 
         sampler = optuna.samplers.TPESampler(seed=settings.seed, multivariate=True)
     metric: Any = settings.metrics if settings.multi_objective else settings.metrics[0]
     mode: Any = settings.modes if settings.multi_objective else settings.modes[0]
-    storage = None if storage_url is None else open_optuna_storage(storage_url)
     return OptunaSearch(
         space=optuna_space(sweep.search),
         metric=metric,
@@ -686,7 +686,7 @@ def run_sweep(sweep: Sweep, *, resume: bool = False, address: str | None = None,
     shared, trial_stages = plan_stages(sweep)
 
     storage_url = optuna_storage_url(sweep, runs_dir)
-    open_optuna_storage(storage_url)
+    optuna_storage = open_optuna_storage(storage_url)  # a bad URL fails here, before anything is created
     ensure_experiment(tracking_uri, sweep.experiment, runs_dir)
     if resume:
         parent = RunTracker(tracking_uri, state["parent_run_id"])
@@ -742,7 +742,7 @@ def run_sweep(sweep: Sweep, *, resume: bool = False, address: str | None = None,
             tuner = tune.Tuner(
                 trainable,
                 tune_config=tune.TuneConfig(
-                    search_alg=make_searcher(sweep, storage_url, state["tune_name"]),
+                    search_alg=make_searcher(sweep, optuna_storage, state["tune_name"]),
                     scheduler=make_scheduler(sweep, max_t),
                     num_samples=sweep.tune.num_samples,
                     max_concurrent_trials=sweep.tune.max_concurrent_trials,
