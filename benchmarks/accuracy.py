@@ -6,6 +6,10 @@ per-seed difference).
     python benchmarks/accuracy.py --mode resolve   # the ladder on the whole test set, 3 seeds (about 1 hour)
     python benchmarks/accuracy.py                  # full data, more epochs
 
+    # the same, one seed per process (in parallel, or across sessions), then the combined result:
+    python benchmarks/accuracy.py --mode resolve --seed 1 & python benchmarks/accuracy.py --mode resolve --seed 2
+    python benchmarks/accuracy.py --mode resolve --combine
+
 Every quantized model starts from the same FP model of its seed, which is also its KD teacher, and
 trains the same steps; the score is the final top-1 (no picking of the best epoch). A ladder step is
 judged on its per-seed differences (both rungs share the seed's FP model, data order and test set):
@@ -19,11 +23,14 @@ from __future__ import annotations
 import argparse
 import copy
 import itertools
+import json
 import math
+import os
 import statistics
 
 import torch
 from _common import (
+    RESULTS,
     fashion,
     fp_model,
     frozen_teacher,
@@ -70,6 +77,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", default="vit_fmnist_small")
     parser.add_argument("--seeds", type=int, help="default: 3")
     parser.add_argument("--no-mlflow", action="store_true")
+    parser.add_argument(
+        "--seed",
+        type=int,
+        action="append",
+        dest="only_seeds",
+        help="run only this seed (repeatable) and keep its scores in benchmarks/results/partial/; seeds run "
+        "apart (in parallel processes, or across sessions) and are then combined with --combine",
+    )
+    parser.add_argument("--combine", action="store_true", help="build the result from the kept per-seed scores")
     args = parser.parse_args(argv)
     mode = "quick" if args.quick else args.mode
     settings = MODES[mode]
@@ -78,11 +94,18 @@ def main(argv: list[str] | None = None) -> int:
     fp_epochs, qat_epochs, cga_epochs = settings["epochs"]
     rows = [row for row in ROWS if row[0] in settings["rows"]] if settings["rows"] else ROWS
     scores: dict[str, list[float]] = {"FP": []}
-    for seed in range(seeds):
+    if args.combine:
+        for seed in range(seeds):
+            kept = load_seed(mode, args.model, seed)
+            for label, value in kept.items():
+                scores.setdefault(label, []).append(value)
+    for seed in [] if args.combine else (args.only_seeds or range(seeds)):
+        seed_scores: dict[str, float] = {}
         data = fashion(train_subset, val_subset, 128, seed)
         fp = fp_model(args.model, data, seed)
         fp_run, _ = train(fp, data, epochs=fp_epochs, lr=2e-3, warmup_epochs=1)
         scores["FP"].append(fp_run.last)
+        seed_scores["FP"] = fp_run.last
         print(f"seed {seed} {'FP':<28} {fp_run.last:6.2f}", flush=True)
         teacher = frozen_teacher(fp)
         qat_done: dict[str, tuple] = {}
@@ -106,7 +129,12 @@ def main(argv: list[str] | None = None) -> int:
                 cga=CGA(model, 0.005) if use_cga else None,
             )
             scores.setdefault(label, []).append(run.last)
+            seed_scores[label] = run.last
             print(f"seed {seed} {label:<28} {run.last:6.2f}", flush=True)
+        keep_seed(mode, args.model, seed, seed_scores)
+    if args.only_seeds:
+        print(f"kept seeds {args.only_seeds}; combine with --mode {mode} --combine once every seed has run")
+        return 0
     table = {
         label: {
             "mean": statistics.mean(values),
@@ -152,6 +180,25 @@ def main(argv: list[str] | None = None) -> int:
         metrics={label: row["mean"] for label, row in table.items()},
     )
     return 0
+
+
+def _seed_path(mode: str, model: str, seed: int) -> str:
+    return os.path.join(RESULTS, "partial", f"accuracy-{mode}-{model}-seed{seed}.json")
+
+
+def keep_seed(mode: str, model: str, seed: int, scores: dict[str, float]) -> None:
+    """One seed's final top-1 per row, so that seeds can run apart and be combined."""
+    os.makedirs(os.path.dirname(_seed_path(mode, model, seed)), exist_ok=True)
+    with open(_seed_path(mode, model, seed), "w") as handle:
+        json.dump({"mode": mode, "model": model, "seed": seed, "scores": scores}, handle, indent=1)
+
+
+def load_seed(mode: str, model: str, seed: int) -> dict[str, float]:
+    path = _seed_path(mode, model, seed)
+    if not os.path.isfile(path):
+        raise SystemExit(f"--combine: seed {seed} has not run yet ({path} is missing); run it with --seed {seed}")
+    with open(path) as handle:
+        return dict(json.load(handle)["scores"])
 
 
 def ladder_steps(scores: dict[str, list[float]]) -> list[dict]:
