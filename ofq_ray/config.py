@@ -271,6 +271,8 @@ class RunConfig:
                 "kd.teacher: None is not allowed when kd.enabled and neither init_from nor model.pretrained(_path) "
                 "is set; allowed: an FP checkpoint path or MLflow URI (or set kd.enabled=false)"
             )
+        if self.quant.layers:
+            self._check_layer_rules()
         if self.stage == "cga" and self.quant.weight_quantizer != "statsq":
             raise ConfigError("quant.weight_quantizer: CGA needs 'statsq'; allowed: statsq")
         reported = reported_metrics(self.stage, self.track_oscillation)
@@ -279,6 +281,21 @@ class RunConfig:
                 f"rank.metric: {self.rank.metric!r} is not reported by a {self.stage} run; "
                 f"allowed: {', '.join(reported)}{metric_hint(self.rank.metric, reported)}"
             )
+
+    def _check_layer_rules(self) -> None:
+        """Every ``quant.layers`` glob must match a module of this model (built on the meta device: no
+        memory, no weights), so a bad rule fails at load and not inside a worker."""
+        import torch
+
+        from .models import create_model
+        from .quant.convert import resolve_widths
+
+        with torch.device("meta"):
+            model = create_model(self.model.name, num_classes=10, img_size=self.data.img_size)
+        try:
+            resolve_widths(model, self.quant)
+        except ValueError as error:
+            raise ConfigError(str(error)) from None
 
     @property
     def has_pretrained(self) -> bool:

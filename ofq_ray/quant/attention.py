@@ -12,6 +12,8 @@ probabilities.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from timm.layers.attention import maybe_add_mask, resolve_self_attn_mask
@@ -34,6 +36,30 @@ def _head_quantizer(bits: int | None, heads: int, head_dim: int) -> LsqQuantizer
     return LsqQuantizer(bits, signed=True, granularity="query", shift_shape=(heads, 1, head_dim))
 
 
+@dataclass(frozen=True)
+class AttentionBits:
+    """The widths inside one attention block (None keeps that tensor in float).
+
+    Attributes:
+        qkv_weight: W_q, W_k and W_v, or with QKR the merged product ``W_q^T W_k`` and W_v.
+        qkv_act: the block input x (the operand of the qkv projection, or of QKR's product).
+        proj_weight: the output projection's weight.
+        proj_act: the output projection's input.
+        matmul_act: the operands of the attention matmuls: q and k (or QKR's ``M_h x``), v and the
+            softmax probabilities.
+    """
+
+    qkv_weight: int | None
+    qkv_act: int | None
+    proj_weight: int | None
+    proj_act: int | None
+    matmul_act: int | None
+
+    @classmethod
+    def uniform(cls, weight_bits: int | None, act_bits: int | None) -> AttentionBits:
+        return cls(weight_bits, act_bits, weight_bits, act_bits, act_bits)
+
+
 class QuantAttention(nn.Module):
     """Multi-head self-attention with OFQ quantization, built from a timm attention's layers.
 
@@ -44,6 +70,8 @@ class QuantAttention(nn.Module):
         qkv: the fused [3A, C] projection to split (its parameters are reused or copied).
         proj: the output projection (reused).
         weight_bits / act_bits: widths, or None to keep that side in float.
+        bits: per-tensor widths (:class:`AttentionBits`); when given, ``weight_bits``/``act_bits``
+            are not read.
         weight_quantizer: ``"statsq"`` or ``"lsq"`` (LSQ only without QKR, as the paper's baseline).
         qkr: merge W_q and W_k per head (OFQ) instead of quantizing q and k separately.
         keep_query_bias: with QKR, keep the part of the query bias that depends on the key token
@@ -62,8 +90,9 @@ class QuantAttention(nn.Module):
         head_dim: int,
         qkv: nn.Linear,
         proj: nn.Linear,
-        weight_bits: int | None,
-        act_bits: int | None,
+        weight_bits: int | None = None,
+        act_bits: int | None = None,
+        bits: AttentionBits | None = None,
         weight_quantizer: str = "statsq",
         qkr: bool = True,
         keep_query_bias: bool = True,
@@ -78,10 +107,14 @@ class QuantAttention(nn.Module):
         self.scale = head_dim**-0.5
         self.qkr = qkr
 
-        def weight_q(weight: torch.Tensor) -> nn.Module | None:
-            return None if weight_bits is None else make_weight_quantizer(weight_quantizer, weight_bits, weight)
+        bits = bits or AttentionBits.uniform(weight_bits, act_bits)
+        self.bits = bits
+        act_bits = bits.matmul_act  # the widths of the matmul operands below
 
-        self.input_quantizer = _token_quantizer(act_bits, dim)
+        def weight_q(weight: torch.Tensor, width: int | None = bits.qkv_weight) -> nn.Module | None:
+            return None if width is None else make_weight_quantizer(weight_quantizer, width, weight)
+
+        self.input_quantizer = _token_quantizer(bits.qkv_act, dim)
         if qkr:
             with torch.no_grad():
                 weight, bias = qkv.weight.detach(), qkv.bias
@@ -114,7 +147,7 @@ class QuantAttention(nn.Module):
         )
         self.softmax_quantizer = None if act_bits is None else LsqQuantizer(act_bits, signed=False, granularity="query")
         self.attn_drop = nn.Dropout(attn_drop)
-        self.proj = QLinear(proj, weight_q(proj.weight), _token_quantizer(act_bits, attn_dim))
+        self.proj = QLinear(proj, weight_q(proj.weight, bits.proj_weight), _token_quantizer(bits.proj_act, attn_dim))
         self.proj_drop = nn.Dropout(proj_drop)
 
     # --- QKR pieces -------------------------------------------------------------------------------

@@ -99,10 +99,13 @@ class QConv2d(nn.Module):
     """Patch-embedding convolution with LSQ weights (per output channel) and an LSQ image input.
 
     The image quantizer has one step per input channel and a learnable per-pixel shift, shared over
-    channels, before and after quantization (the reference's first layer).
+    channels, before and after quantization (the reference's first layer). ``weight_bits`` or
+    ``act_bits`` None keeps that side in float.
     """
 
-    def __init__(self, conv: nn.Conv2d, bits: int, img_size: tuple[int, int]) -> None:
+    def __init__(
+        self, conv: nn.Conv2d, weight_bits: int | None, act_bits: int | None, img_size: tuple[int, int]
+    ) -> None:
         super().__init__()
         self.stride = conv.stride
         self.padding = conv.padding
@@ -110,22 +113,39 @@ class QConv2d(nn.Module):
         self.groups = conv.groups
         self.weight = conv.weight
         self.bias = conv.bias
-        self.weight_quantizer = lsq_weight_quantizer(conv.weight.detach(), bits)
-        self.input_quantizer = LsqQuantizer(bits, signed=True, granularity="in_channel", shift_shape=img_size)
+        self.weight_quantizer: nn.Module | None = (
+            None if weight_bits is None else lsq_weight_quantizer(conv.weight.detach(), weight_bits)
+        )
+        self.input_quantizer = (
+            None
+            if act_bits is None
+            else LsqQuantizer(act_bits, signed=True, granularity="in_channel", shift_shape=img_size)
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.input_quantizer(x)
-        weight = self.weight_quantizer(self.weight)
+        if self.input_quantizer is not None:
+            x = self.input_quantizer(x)
+        weight = self.weight if self.weight_quantizer is None else self.weight_quantizer(self.weight)
         return F.conv2d(x, weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
 
     def quantized_weight_sources(self) -> list[WeightSource]:
+        if self.weight_quantizer is None:
+            return []
         return [WeightSource("weight", self.weight_quantizer, lambda: self.weight, self.weight, "first_last")]
 
 
-def quantized_head(linear: nn.Linear, bits: int) -> QLinear:
-    """Classifier head: LSQ weights per output row, LSQ input with one step and per-feature shifts."""
-    input_quantizer = LsqQuantizer(bits, signed=True, granularity="tensor", shift_shape=(linear.in_features,))
-    return QLinear(linear, lsq_weight_quantizer(linear.weight.detach(), bits), input_quantizer, "first_last")
+def quantized_head(linear: nn.Linear, weight_bits: int | None, act_bits: int | None) -> QLinear:
+    """Classifier head: LSQ weights per output row, LSQ input with one step and per-feature shifts.
+
+    Either width None keeps that side in float.
+    """
+    input_quantizer = (
+        None
+        if act_bits is None
+        else LsqQuantizer(act_bits, signed=True, granularity="tensor", shift_shape=(linear.in_features,))
+    )
+    weight_quantizer = None if weight_bits is None else lsq_weight_quantizer(linear.weight.detach(), weight_bits)
+    return QLinear(linear, weight_quantizer, input_quantizer, "first_last")
 
 
 def iter_quantized_weights(model: nn.Module, roles: Iterable[str] = ("block",)) -> list[tuple[str, WeightSource]]:
