@@ -161,6 +161,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     from .checkpoint import load_model
     from .quant import export_quantized
+    from .quant.export import size_table
 
     model = load_model(args.checkpoint, tracking_uri=args.tracking_uri, runs_dir=args.runs_dir)
     export = export_quantized(model)
@@ -172,6 +173,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         f"wrote {args.out}: {len(export['layers'])} quantized tensors, codes {size['code_bytes']:,} B + scales "
         f"{size['scale_bytes']:,} B + float {size['float_bytes']:,} B = {size['total_bytes']:,} B"
     )
+    print(size_table(size))
     return 0
 
 

@@ -35,6 +35,7 @@ EPOCH_METRICS = (
     "val/top5",
     "val/loss",
     "model/size_bytes",
+    "model/bitops",
     "epoch",
 )
 CGA_METRICS = ("cga/frozen_frac",)

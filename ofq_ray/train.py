@@ -410,8 +410,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     import ray.train
     import ray.train.torch
 
-    from .quant import init_activation_scales, quantize_model, quantized_size_bytes, set_data_parallel_replicas
+    from .quant import init_activation_scales, quantize_model, set_data_parallel_replicas
     from .quant.cga import CGA
+    from .quant.cost import model_cost
     from .quant.oscillation import OscillationTracker
     from .tracking import RunTracker
 
@@ -505,14 +506,13 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         start_epoch, history = state["epoch"], state["history"]
         torch.set_rng_state(state["rng_state"])
 
+    # Exact packed size (each layer at its own width) and BitOPs per image: known before training, so
+    # free objectives (and budgets) for sweeps; run_cost (ofq_ray.cost) gives the same numbers up front.
+    costs = model_cost(model, (info.in_chans, info.img_size, info.img_size))
     if world > 1 or device.type != "cpu":
         model = ray.train.torch.prepare_model(model)
     if config.compile:
         model = torch.compile(model)  # type: ignore[assignment]
-    bare = unwrap(model)
-    size_bytes = float(
-        quantized_size_bytes(bare) if config.quantized else 4 * sum(p.numel() for p in bare.parameters())
-    )
     offset = int(loop_config.get("epoch_offset", 0))
     mixup = _mixup(config, info)
     autocast = torch.bfloat16 if config.precision == "bf16" else None
@@ -545,7 +545,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             tracker.summary(reset_window=True)
         if cga is not None:
             metrics["cga/frozen_frac"] = cga.frozen_fraction()
-        metrics["model/size_bytes"] = size_bytes  # known before training: a free objective for sweeps
+        metrics.update(costs)  # model/size_bytes, model/bitops
         metrics["epoch"] = float(offset + epoch)
         history.append(metrics)
         if run is not None:
