@@ -6,6 +6,7 @@ allowed, e.g. ``optim.lr: -1.0 is not allowed; allowed: a number > 0``.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import hashlib
 import json
@@ -466,7 +467,7 @@ def load_config(
     path: str | None = None, overrides: list[str] | tuple[str, ...] = (), base: dict | None = None
 ) -> RunConfig:
     """Reads a YAML run config (or ``base``), applies ``KEY=VALUE`` overrides, validates everything."""
-    data: dict[str, Any] = dict(base or {})
+    data: dict[str, Any] = copy.deepcopy(base or {})  # overrides must not reach into the caller's dicts
     if path is not None:
         if not os.path.isfile(path):
             raise ConfigError(f"config: {path} does not exist")
