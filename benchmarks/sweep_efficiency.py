@@ -2,11 +2,21 @@
 
     python benchmarks/sweep_efficiency.py --quick     # 12 W2A2 QAT trials x 9 epochs on 8000 images, local Ray
     python benchmarks/sweep_efficiency.py             # 24 trials on 30000 images
+    python benchmarks/sweep_efficiency.py --quick --multi-objective   # top-1 vs bytes: full, ASHA, MO-ASHA
 
 The random searcher is used so both sweeps draw the same configurations; the FP stage is shared
 (trained once, cached). Reports the best top-1 found, the trial-epochs spent and the wall time of
 each, writes benchmarks/results/sweep_efficiency.json and docs/sweep_efficiency.png.
 Target: ASHA's best within 0.3 points of the full-budget best, with at most 40 % of the trial-epochs.
+
+``--multi-objective`` searches the learning rate and the bit widths (2/2, 3/3, 4/4: sizes differ) for
+top-1 (max) and model bytes (min), and runs the same seeded configurations three times: to the full
+budget, under ASHA on top-1 alone, and under MO-ASHA. Each is scored by the hypervolume of its final
+front (every trial at its best epoch, stopped ones included: their size is exact, their top-1 a lower
+bound) against the reference point (top-1 10 %, chance on 10 classes; 1.1 x the largest model's bytes),
+in points x MiB. Writes benchmarks/results/sweep_efficiency_mo.json and docs/sweep_efficiency_mo.png.
+Target: MO-ASHA's hypervolume at least 98 % of the full budget's with at most 50 % of its trial-epochs,
+and above ASHA-on-top-1's.
 """
 
 from __future__ import annotations
@@ -17,11 +27,13 @@ import time
 
 from _common import machine, publish, save_figure
 
-from ofq_ray.tune import run_sweep, sweep_from_dict
+from ofq_ray.sweep import run_sweep, sweep_from_dict
 
 
-def spec(name: str, scheduler: object, quick: bool, runs_dir: str) -> dict:
-    return {
+def spec(
+    name: str, scheduler: object, quick: bool, runs_dir: str, search: dict | None = None, objectives: int = 1
+) -> dict:
+    out = {
         "name": name,
         "base": {
             "stage": "qat",
@@ -49,6 +61,120 @@ def spec(name: str, scheduler: object, quick: bool, runs_dir: str) -> dict:
         },
         "mlflow": {"experiment": name, "register": False},
     }
+    if search is not None:
+        out["search"] = search
+    if objectives == 2:
+        out["tune"] |= {"metric": ["val/top1", "model/size_bytes"], "mode": ["max", "min"]}
+    return out
+
+
+SEARCH_MO = {"optim.lr": {"loguniform": [1.0e-5, 3.0e-3]}, "quant.bits": {"choice": ["2/2", "3/3", "4/4"]}}
+REFERENCE_TOP1 = 10.0  # chance on 10 classes
+
+
+def hypervolume(points: list[tuple[float, float]], reference: tuple[float, float]) -> float:
+    """Area dominated by (top-1 to maximize, bytes to minimize) points and bounded by ``reference``."""
+    ref_top1, ref_bytes = reference
+    front = sorted((b, t) for t, b in points if t > ref_top1 and b < ref_bytes)  # by bytes, smallest first
+    area, best_top1 = 0.0, ref_top1
+    for index, (size, top1) in enumerate(front):
+        best_top1 = max(best_top1, top1)
+        next_size = front[index + 1][0] if index + 1 < len(front) else ref_bytes
+        area += (next_size - size) * (best_top1 - ref_top1)
+    return area
+
+
+def multi_objective(args: argparse.Namespace, runs_dir: str, stamp: str) -> int:
+    from mlflow.tracking import MlflowClient
+
+    asha = {"asha": {"grace_period": 1, "reduction_factor": 3}}
+    variants = (("full budget", "none", 2), ("ASHA (top-1)", asha, 1), ("MO-ASHA", asha, 2))
+    results: dict = {}
+    for label, scheduler, objectives in variants:
+        slug = {"full budget": "full", "ASHA (top-1)": "asha", "MO-ASHA": "moasha"}[label]
+        sweep = sweep_from_dict(spec(f"mo-{slug}-{stamp}", scheduler, args.quick, runs_dir, SEARCH_MO, objectives))
+        started = time.time()
+        result = run_sweep(sweep, log=lambda text: None)
+        client = MlflowClient(result.tracking_uri)
+        points = []
+        for t in result.trials:
+            if t["best"] is None or t["run_id"] is None:
+                continue
+            size = client.get_run(t["run_id"]).data.metrics["model/size_bytes"]
+            points.append({"trial_id": t["trial_id"], "status": t["status"], "top1": t["best"], "bytes": size})
+        results[label] = {
+            "points": points,
+            "trial_epochs": sum(t["epochs"] for t in result.trials),
+            "stopped": sum(t["status"] == "stopped" for t in result.trials),
+            "wall_s": time.time() - started,
+        }
+    largest = max(p["bytes"] for row in results.values() for p in row["points"])
+    reference = (REFERENCE_TOP1, 1.1 * largest)
+    for row in results.values():
+        row["hypervolume"] = hypervolume([(p["top1"], p["bytes"]) for p in row["points"]], reference) / 2**20
+    full, asha_row, mo = results["full budget"], results["ASHA (top-1)"], results["MO-ASHA"]
+    ratios = {
+        "moasha_hv_fraction": mo["hypervolume"] / full["hypervolume"],
+        "moasha_epoch_fraction": mo["trial_epochs"] / full["trial_epochs"],
+        "asha_hv_fraction": asha_row["hypervolume"] / full["hypervolume"],
+        "asha_epoch_fraction": asha_row["trial_epochs"] / full["trial_epochs"],
+        "moasha_wall_fraction": mo["wall_s"] / full["wall_s"],
+    }
+    targets = {
+        "moasha_hv_at_least_98pct": ratios["moasha_hv_fraction"] >= 0.98,
+        "moasha_at_most_50pct_epochs": ratios["moasha_epoch_fraction"] <= 0.5,
+        "moasha_hv_above_asha": mo["hypervolume"] > asha_row["hypervolume"],
+    }
+    print(f"\nreference point: top-1 {reference[0]:.0f} %, {reference[1] / 2**20:.3f} MiB")
+    print(f"{'':<14}{'hypervolume':>13}{'vs full':>9}{'trial-epochs':>14}{'stopped':>9}{'wall s':>9}")
+    for label, row in results.items():
+        print(
+            f"{label:<14}{row['hypervolume']:>13.3f}{row['hypervolume'] / full['hypervolume']:>9.3f}"
+            f"{row['trial_epochs']:>14}{row['stopped']:>9}{row['wall_s']:>9.0f}"
+        )
+    print(", ".join(f"{k}: {'met' if v else 'MISSED'}" for k, v in targets.items()))
+    payload = {
+        "benchmark": "sweep_efficiency_mo",
+        "quick": args.quick,
+        "machine": machine(),
+        "reference_point": {"top1": reference[0], "bytes": reference[1]},
+        "hypervolume_unit": "top-1 points x MiB",
+        "results": results,
+        "ratios": ratios,
+        "targets": targets,
+    }
+    publish(
+        "sweep_efficiency_mo",
+        payload,
+        plot_fronts(results),
+        mlflow=not args.no_mlflow,
+        params={"quick": args.quick},
+        metrics=ratios,
+    )
+    return 0
+
+
+def plot_fronts(results: dict) -> str:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(figsize=(6, 4))
+    for (label, row), color in zip(results.items(), ("gray", "tab:orange", "tab:blue"), strict=True):
+        xs = [p["bytes"] / 1024 for p in row["points"]]
+        ys = [p["top1"] for p in row["points"]]
+        axes.scatter(
+            xs,
+            ys,
+            label=f"{label} (HV {row['hypervolume']:.2f}, {row['trial_epochs']} trial-epochs)",
+            color=color,
+            alpha=0.7,
+        )
+    axes.set_xlabel("model size (KiB)")
+    axes.set_ylabel("best top-1 (%)")
+    axes.legend(fontsize=8)
+    return save_figure(figure, "sweep_efficiency_mo")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -56,9 +182,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--runs-dir", default="ofq-runs")
     parser.add_argument("--no-mlflow", action="store_true")
+    parser.add_argument("--multi-objective", action="store_true", help="top-1 vs bytes: full budget, ASHA, MO-ASHA")
     args = parser.parse_args(argv)
     runs_dir = os.path.abspath(args.runs_dir)
     stamp = time.strftime("%Y%m%d-%H%M%S")
+    if args.multi_objective:
+        return multi_objective(args, runs_dir, stamp)
     results = {}
     for label, scheduler in (("full budget", "none"), ("ASHA", {"asha": {"grace_period": 1, "reduction_factor": 3}})):
         sweep = sweep_from_dict(spec(f"efficiency-{label.split()[0].lower()}-{stamp}", scheduler, args.quick, runs_dir))

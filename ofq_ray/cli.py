@@ -109,7 +109,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_tune(args: argparse.Namespace) -> int:
-    from .tune import load_sweep, run_sweep
+    from .sweep import load_sweep, run_sweep
 
     sweep = load_sweep(args.spec, args.overrides)
     result = run_sweep(sweep, resume=args.resume, address=args.address)
@@ -128,7 +128,7 @@ def _tracking(args: argparse.Namespace) -> str:
 
 
 def cmd_best(args: argparse.Namespace) -> int:
-    from .tune import best_trial
+    from .sweep import best_trial
 
     print(json.dumps(best_trial(args.sweep, _tracking(args), args.metric, args.mode), indent=2, default=str))
     return 0

@@ -110,9 +110,32 @@ def load_yaml(stream: str | IO[str]) -> Any:
 
 
 def _spec(
-    *, choices: tuple[str, ...] | None = None, low: float | None = None, high: float | None = None, strict: bool = False
+    *,
+    choices: tuple[str, ...] | None = None,
+    low: float | None = None,
+    high: float | None = None,
+    strict: bool = False,
+    fingerprint: bool = True,
+    every_stage: bool = False,
+    shared_with: tuple[str, ...] = (),
 ) -> dict[str, Any]:
-    return {"choices": choices, "low": low, "high": high, "strict": strict}
+    """A field's allowed values, and (for RunConfig's fields) its role, declared once on the field:
+
+    - ``fingerprint=False``: it does not change what a stage learns (how to run it, where to record
+      it), so a stage's cache key leaves it out;
+    - ``every_stage``: how to run; every stage of a sweep's chain takes it from the sweep's base;
+    - ``shared_with``: the earlier stages of a chain (pretrain, qat) that take it from the base, so a
+      search over it makes those stages per trial instead of shared.
+    """
+    return {
+        "choices": choices,
+        "low": low,
+        "high": high,
+        "strict": strict,
+        "fingerprint": fingerprint,
+        "every_stage": every_stage,
+        "shared_with": shared_with,
+    }
 
 
 @dataclass
@@ -217,28 +240,32 @@ class RunConfig:
     """One training stage (pretrain, qat or cga) on ``workers`` Ray Train workers."""
 
     stage: str = field(default="pretrain", metadata=_spec(choices=STAGES))
-    model: ModelConfig = field(default_factory=ModelConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    quant: QuantConfig = field(default_factory=QuantConfig)
+    model: ModelConfig = field(default_factory=ModelConfig, metadata=_spec(shared_with=("pretrain", "qat")))
+    data: DataConfig = field(default_factory=DataConfig, metadata=_spec(shared_with=("pretrain", "qat")))
+    quant: QuantConfig = field(default_factory=QuantConfig, metadata=_spec(shared_with=("qat",)))
     optim: OptimConfig = field(default_factory=OptimConfig)
-    kd: KDConfig = field(default_factory=KDConfig)
+    kd: KDConfig = field(default_factory=KDConfig, metadata=_spec(shared_with=("qat",)))
     cga: CGAConfig = field(default_factory=CGAConfig)
-    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig, metadata=_spec(fingerprint=False))
     rank: RankConfig = field(default_factory=RankConfig)
     epochs: int = field(default=10, metadata=_spec(low=1))
-    batch_size: int = field(default=128, metadata=_spec(low=1))  # global, split over workers
-    eval_batch_size: int = field(default=512, metadata=_spec(low=1))
-    workers: int = field(default=1, metadata=_spec(low=1))
-    cpus_per_worker: float = field(default=1.0, metadata=_spec(low=0.0, strict=True))
-    use_gpu: bool = False
-    precision: str = field(default="fp32", metadata=_spec(choices=("fp32", "bf16")))
-    compile: bool = False
-    seed: int = 0
+    batch_size: int = field(
+        default=128, metadata=_spec(low=1, shared_with=("pretrain", "qat"))
+    )  # global, split over workers
+    eval_batch_size: int = field(default=512, metadata=_spec(low=1, shared_with=("pretrain", "qat")))
+    workers: int = field(default=1, metadata=_spec(low=1, fingerprint=False, every_stage=True))
+    cpus_per_worker: float = field(
+        default=1.0, metadata=_spec(low=0.0, strict=True, fingerprint=False, every_stage=True)
+    )
+    use_gpu: bool = field(default=False, metadata=_spec(every_stage=True))
+    precision: str = field(default="fp32", metadata=_spec(choices=("fp32", "bf16"), shared_with=("pretrain", "qat")))
+    compile: bool = field(default=False, metadata=_spec(shared_with=("pretrain", "qat")))
+    seed: int = field(default=0, metadata=_spec(shared_with=("pretrain", "qat")))
     init_from: str | None = None  # FP weights for qat; the QAT checkpoint for cga (path or MLflow URI)
-    runs_dir: str = "ofq-runs"
-    keep_checkpoints: int = field(default=2, metadata=_spec(low=1))
-    max_failures: int = field(default=2, metadata=_spec(low=0))
-    track_oscillation: bool = True
+    runs_dir: str = field(default="ofq-runs", metadata=_spec(fingerprint=False, every_stage=True))
+    keep_checkpoints: int = field(default=2, metadata=_spec(low=1, fingerprint=False, every_stage=True))
+    max_failures: int = field(default=2, metadata=_spec(low=0, fingerprint=False, every_stage=True))
+    track_oscillation: bool = field(default=True, metadata=_spec(every_stage=True))
 
     def __post_init__(self) -> None:
         from .data import DATASETS
@@ -319,10 +346,34 @@ class RunConfig:
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
-    def fingerprint(self, *, exclude: tuple[str, ...] = ("tracking", "runs_dir", "max_failures", "workers")) -> str:
-        """A stable hash of everything that changes what is trained (for caching shared stages)."""
-        values = {k: v for k, v in self.to_dict().items() if k not in exclude}
+    def fingerprint(self, *, exclude: tuple[str, ...] = ()) -> str:
+        """A stable hash of everything that changes what is trained (for caching shared stages): every
+        field but those declared ``fingerprint=False`` and ``exclude``."""
+        left_out = {*run_fields(fingerprint=False), *exclude}
+        values = {k: v for k, v in self.to_dict().items() if k not in left_out}
         return hashlib.sha256(json.dumps(values, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def run_fields(
+    *, fingerprint: bool | None = None, every_stage: bool | None = None, shared_with: str = ""
+) -> tuple[str, ...]:
+    """RunConfig's field names, in declaration order, whose declared role (see :func:`_spec`) matches
+    every given one (``shared_with``: a stage among the field's ``shared_with``).
+
+    >>> run_fields(shared_with="qat")
+    ('model', 'data', 'quant', 'kd', 'batch_size', 'eval_batch_size', 'precision', 'compile', 'seed')
+    """
+    out = []
+    for item in dataclasses.fields(RunConfig):
+        meta = {**_spec(), **dict(item.metadata)}
+        if fingerprint is not None and meta["fingerprint"] != fingerprint:
+            continue
+        if every_stage is not None and meta["every_stage"] != every_stage:
+            continue
+        if shared_with and shared_with not in meta["shared_with"]:
+            continue
+        out.append(item.name)
+    return tuple(out)
 
 
 # --- parsing ---------------------------------------------------------------------------------------------

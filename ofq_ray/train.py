@@ -325,7 +325,7 @@ def run_training(
     try:
         result = trainer.fit()
     except BaseException:
-        tracker.finish("FAILED")
+        _close_run(tracker, "FAILED", reused=run_id is not None)
         raise
     last_state = read_checkpoint(result.checkpoint.path) if result.checkpoint else None
     history: list[dict[str, float]] = last_state["history"] if last_state else []
@@ -344,7 +344,7 @@ def run_training(
         }
     )
     if finish_run:
-        tracker.finish("FINISHED")
+        _close_run(tracker, "FINISHED", reused=run_id is not None)
     extra: dict[str, Any] = {}
     if config.tracking.register_as and best_path:
         from .tracking import register_checkpoint
@@ -366,6 +366,20 @@ def run_training(
         artifact_uri=tracker.artifact_uri,
         extra=extra,
     )
+
+
+def _close_run(tracker: Any, status: str, *, reused: bool) -> None:
+    """Ends the run with ``status``, unless it is a reused run (a sweep trial's) that the sweep closed
+    already: when the scheduler stops a trial, the sweep marks its run KILLED before Ray stops the trial,
+    and the stop then surfaces here as an error (or, if the workers were on their last epoch, as an
+    end); the sweep's outcome stands."""
+    if reused:
+        try:
+            if tracker.info()["status"] != "RUNNING":
+                return
+        except Exception:  # the store is unreachable: try to close it anyway
+            pass
+    tracker.finish(status)
 
 
 def _best_checkpoint(result: Any, rank: RankConfig) -> str | None:

@@ -114,3 +114,14 @@ def test_report_renders_the_oscillation_tables_and_verdict() -> None:
     assert "| fc1 | 3.25e-02 ± 3.54e-03 (3.25e-01 ± 3.54e-02) |" in text
     assert [line[2:] for line in lines if line.startswith("- ")] == result["text"]
     assert "| 0.005 | 99.00 % | 80.00 | +nan % |" in text
+
+
+def test_hypervolume_of_a_top1_vs_bytes_front_matches_a_hand_computation() -> None:
+    import sweep_efficiency
+
+    reference = (10.0, 200.0)
+    # (top-1, bytes): 70 % at 50 B covers [50, 100) x (10, 70]; 80 % at 100 B covers [100, 200) x (10, 80];
+    # the dominated (60 %, 60 B) adds nothing, nor does a point beyond the reference.
+    points = [(80.0, 100.0), (70.0, 50.0), (60.0, 60.0), (90.0, 250.0)]
+    assert sweep_efficiency.hypervolume(points, reference) == pytest.approx(50 * 60 + 100 * 70)
+    assert sweep_efficiency.hypervolume([], reference) == 0.0

@@ -9,7 +9,8 @@ import pytest
 from ofq_ray.cli import main
 from ofq_ray.config import ConfigError, RankConfig, load_config, load_yaml, parse_bits, reported_metrics
 from ofq_ray.engine import LRSchedule
-from ofq_ray.tune import load_sweep, plan_stages, stage_config
+from ofq_ray.sweep.spec import load_sweep
+from ofq_ray.sweep.stages import plan_stages, stage_config
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -100,7 +101,7 @@ def test_lr_schedule_matches_the_reference_at_the_spec_epochs() -> None:
 
 
 def test_pareto_front_keeps_stopped_trials_and_drops_dominated_and_errored_ones() -> None:
-    from ofq_ray.tune import _pareto_front
+    from ofq_ray.sweep.summary import _pareto_front
 
     sweep = load_sweep(str(REPO / "search_spaces" / "pareto.yaml"))
     top1, size = sweep.tune.metrics
@@ -191,3 +192,42 @@ def test_a_bad_sweep_metric_is_one_line_exit_2_before_anything_is_written(
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("ofq-ray: error: ") and message in err, err
     assert not runs.exists()  # no MLflow store, no Ray storage: nothing was trained or written
+
+
+def test_every_run_field_declares_once_whether_it_changes_what_a_stage_learns() -> None:
+    from dataclasses import fields
+
+    from ofq_ray.config import RunConfig, run_fields
+
+    base = load_config(None, ["stage=pretrain"])
+    # One other valid value per top-level field; a new RunConfig field must be added here (and declare its role).
+    others = {
+        "epochs": 3,
+        "batch_size": 64,
+        "eval_batch_size": 100,
+        "workers": 2,
+        "cpus_per_worker": 2.0,
+        "use_gpu": True,
+        "precision": "bf16",
+        "compile": True,
+        "seed": 1,
+        "runs_dir": "/elsewhere",
+        "keep_checkpoints": 5,
+        "max_failures": 0,
+        "track_oscillation": False,
+        "optim.lr": 1e-4,
+        "model.drop_path_rate": 0.1,
+        "data.mixup": 0.5,
+        "quant.weight_bits": 4,
+        "kd.enabled": False,
+        "cga.boundary_range": 0.01,
+        "rank.metric": "val/loss",
+        "tracking.experiment": "elsewhere",
+        "init_from": "/some/fp.pt",
+    }
+    assert {key.split(".")[0] for key in others} | {"stage"} == {f.name for f in fields(RunConfig)}
+    left_out = run_fields(fingerprint=False)
+    for key, value in others.items():
+        changed = load_config(None, ["stage=pretrain", f"{key}={value}"])
+        assert (changed.fingerprint() == base.fingerprint()) == (key.split(".")[0] in left_out), key
+    assert set(left_out) == {"tracking", "workers", "cpus_per_worker", "runs_dir", "keep_checkpoints", "max_failures"}

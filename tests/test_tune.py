@@ -21,9 +21,10 @@ from mlflow.tracking import MlflowClient
 from ofq_ray.checkpoint import load_model, read_checkpoint
 from ofq_ray.data import build_datasets, build_loader
 from ofq_ray.engine import evaluate
+from ofq_ray.sweep import best_trial, load_sweep, run_sweep
 from ofq_ray.sweep.mo_asha import MultiObjectiveASHA
+from ofq_ray.sweep.search import make_scheduler
 from ofq_ray.tracking import default_tracking_uri, download_artifacts, resolve_alias, search_runs
-from ofq_ray.tune import best_trial, load_sweep, make_scheduler, run_sweep
 
 pytestmark = pytest.mark.integration
 REPO = Path(__file__).resolve().parents[1]
@@ -152,6 +153,15 @@ def test_smoke_sweep_one_parent_one_child_per_trial_asha_and_champion(smoke: tup
     assert len({c["tags"]["ofq.trial_id"] for c in children}) == 6
     by_status = {c["status"] for c in children}
     assert by_status <= {"FINISHED", "KILLED"} and "KILLED" in by_status  # stopped trials are closed as KILLED
+    # ... by the sweep's trial callback when the scheduler stopped them, before the trials ended (not after).
+    trials_ended = int(parent["tags"]["ofq.trials_ended_ms"])
+    for child in children:
+        if child["status"] == "KILLED":
+            assert child["tags"]["ofq.stopped_by"] == "scheduler"
+            assert child["end_time"] < trials_ended
+            epochs = len(MlflowClient(uri).get_metric_history(child["run_id"], "val/top1"))
+            # the scheduler saw fewer than all 3 epochs; its workers may have logged one more before they went
+            assert 1 <= int(child["tags"]["ofq.stopped_at_epoch"]) <= min(epochs, 2)
     # Every child holds contiguous per-epoch metrics.
     client = MlflowClient(uri)
     for child in children:

@@ -1,0 +1,245 @@
+"""A trial from start to end: the trial function (its stages in one MLflow child run) and the driver-side
+Tune callbacks that own that run's status while the sweep runs."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from typing import Any
+
+from ray.tune import Callback
+
+from ..config import RankConfig
+from .spec import Sweep
+from .stages import _PLACEHOLDER, stage_config
+from .summary import _fmt, _short
+
+# --- the trial ---------------------------------------------------------------------------------------------
+
+
+def run_trial(params: dict[str, Any], context: dict[str, Any]) -> None:
+    """One Tune trial: the per-trial stages in one MLflow child run (reused if Ray restarts the trial)."""
+    import ray.tune
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from ..train import run_training
+
+    sweep: Sweep = context["sweep"]
+    trial = ray.tune.get_context()
+    trial_id = trial.get_trial_id()
+    values = {k: v for k, v in params.items()}
+    run_id = _child_run(context, trial_id, trial.get_trial_name(), values)
+    source = context["shared_source"]
+    offset = 0
+    stages = context["trial_stages"]
+    for index, stage in enumerate(stages):
+        config = stage_config(sweep, stage, values, init_from=source)
+        config = dataclasses.replace(config, tracking=dataclasses.replace(config.tracking, experiment=sweep.experiment))
+        last = index == len(stages) - 1
+        prefix = "" if last else f"stages/{stage}/"
+        run_training(
+            config,
+            run_id=run_id,
+            ray_callbacks=[TuneReportCallback()],
+            ray_run_name=f"{context['tune_name']}-{trial_id}-{stage}",
+            epoch_offset=offset,
+            finish_run=last,
+            artifact_prefix=prefix,
+        )
+        offset += config.epochs
+        source = f"runs:/{run_id}/{prefix}checkpoints/best"
+
+
+def _child_run(context: dict[str, Any], trial_id: str, trial_name: str, values: dict[str, Any]) -> str:
+    from ..tracking import RunTracker, flatten, search_runs
+
+    sweep: Sweep = context["sweep"]
+    uri = context["tracking_uri"]
+    found = search_runs(
+        uri,
+        sweep.experiment,
+        f"tags.`ofq.trial_id` = '{trial_id}' and tags.`mlflow.parentRunId` = '{context['parent_run_id']}'",
+    )
+    if found:
+        return str(found[0]["run_id"])
+    config = stage_config(
+        sweep, context["trial_stages"][-1], values, init_from=context["shared_source"] or _PLACEHOLDER
+    )
+    params = {f"search.{k}": str(v) for k, v in values.items()}
+    params.update(flatten(config.to_dict()))
+    tracker = RunTracker.create(
+        uri,
+        sweep.experiment,
+        context["runs_dir"],
+        run_name=trial_name,
+        params=params,
+        tags={"ofq.trial_id": trial_id, "ofq.sweep": sweep.name, "ofq.stage": config.stage},
+        parent_run_id=context["parent_run_id"],
+        config_yaml=config.to_yaml(),
+    )
+    return tracker.run_id
+
+
+class ProgressPrinter(Callback):  # type: ignore[misc]
+    """A compact terminal line per trial event, with the status counts (Tune's own tables are off)."""
+
+    def __init__(self, metric: str) -> None:
+        self.metric = metric
+        self.status: dict[str, str] = {}
+        self.started = time.time()
+
+    def _line(self, text: str) -> None:
+        print(f"[sweep {time.time() - self.started:6.0f}s] {text}", flush=True)
+
+    def _counts(self) -> str:
+        counts: dict[str, int] = {}
+        for value in self.status.values():
+            counts[value] = counts.get(value, 0) + 1
+        return ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))
+
+    def on_trial_start(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
+        self.status[trial.trial_id] = "running"
+        self._line(f"trial {trial.trial_id} started  {_short(trial.config)}")
+
+    def on_trial_result(
+        self, iteration: int, trials: list[Any], trial: Any, result: dict[str, Any], **info: Any
+    ) -> None:
+        value = result.get(self.metric, float("nan"))
+        epoch = result.get("training_iteration")
+        self._line(f"trial {trial.trial_id} epoch {epoch}  {self.metric} {value:.2f}  ({self._counts()})")
+
+    def on_trial_complete(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
+        self.status[trial.trial_id] = "done"
+
+    def on_trial_error(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
+        self.status[trial.trial_id] = "errored"
+        self._line(f"trial {trial.trial_id} ERRORED")
+
+
+def trial_dirname(trial: Any) -> str:
+    """Trial folders named by trial id, so results map back to MLflow runs and checkpoints."""
+    return str(trial.trial_id)
+
+
+# --- the trial's end, as it happens -------------------------------------------------------------------------
+
+
+class TrialLifecycle(Callback):  # type: ignore[misc]
+    """Closes each trial's MLflow child run in the driver the moment Tune ends the trial, so the MLflow UI is
+    right while the sweep runs:
+
+    - ``FINISHED`` when it trained every epoch. The trial function closes its own run when it returns; a
+      trial that the scheduler stopped on its last report (an ASHA rung can fall on the last epoch) is
+      closed here, with its best kept checkpoint by the sweep's ranking logged as ``checkpoints/best``.
+    - ``KILLED`` when the scheduler stopped it earlier: tags ``ofq.stopped_by`` and
+      ``ofq.stopped_at_epoch`` (the epochs the scheduler saw; its workers may log one more before they
+      go). Its best kept checkpoint of the last stage is logged too unless ``tune.delete_stopped_checkpoints``
+      (the sweep deletes those checkpoints at its end).
+    - ``FAILED`` when it errored after its retries: tag ``ofq.error`` with the error's last line.
+
+    Trials still running when the sweep ends (its time budget) are closed by the summary.
+    """
+
+    def __init__(self, context: dict[str, Any]) -> None:
+        self.context = context
+
+    def on_trial_complete(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
+        close_trial(self.context, trial.trial_id, dict(trial.last_result or {}))
+
+    def on_trial_error(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
+        fail_trial(self.context, trial.trial_id, _error_line(trial))
+
+
+def _trial_run(context: dict[str, Any], trial_id: str) -> dict[str, Any] | None:
+    from ..tracking import search_runs
+
+    found = search_runs(
+        context["tracking_uri"],
+        context["sweep"].experiment,
+        f"tags.`ofq.trial_id` = '{trial_id}' and tags.`mlflow.parentRunId` = '{context['parent_run_id']}'",
+    )
+    return found[0] if found else None
+
+
+def close_trial(context: dict[str, Any], trial_id: str, last_result: dict[str, Any]) -> str | None:
+    """Closes an ended trial's run (see :class:`TrialLifecycle`); returns the status it has, or None when
+    the trial never opened one."""
+    from ..tracking import RunTracker
+
+    run = _trial_run(context, trial_id)
+    if run is None:
+        return None
+    if run["status"] != "RUNNING":  # the trial function finished it (or an earlier event closed it)
+        return str(run["status"])
+    sweep: Sweep = context["sweep"]
+    tracker = RunTracker(context["tracking_uri"], run["run_id"])
+    epochs = int(last_result.get("epoch", -1)) + 1
+    best = best_kept_checkpoint(context, trial_id)
+    stage = context["trial_stages"][-1]
+    rank = sweep.rank
+    if epochs >= context["total_epochs"] and best is not None:
+        tracker.log_artifact(best[1], "checkpoints/best")
+        tracker.set_tags(
+            {
+                "ofq.finished_by": "sweep driver",
+                f"ofq.{stage}.best_{rank.slug}": _fmt(best[0].get(rank.metric)),
+                f"ofq.{stage}.best_epoch": str(int(best[0].get("epoch", -1))),
+                f"ofq.{stage}.rank": f"{rank.metric} {rank.mode}",
+            }
+        )
+        tracker.finish("FINISHED")
+        return "FINISHED"
+    tags = {"ofq.stopped_by": "scheduler", "ofq.stopped_at_epoch": str(max(epochs, 0))}
+    if best is not None and not sweep.tune.delete_stopped_checkpoints:
+        tracker.log_artifact(best[1], "checkpoints/best")
+        tags[f"ofq.{stage}.best_{rank.slug}"] = _fmt(best[0].get(rank.metric))
+        tags[f"ofq.{stage}.best_epoch"] = str(int(best[0].get("epoch", -1)))
+    tracker.set_tags(tags)
+    tracker.finish("KILLED")
+    return "KILLED"
+
+
+def fail_trial(context: dict[str, Any], trial_id: str, error: str) -> None:
+    from ..tracking import RunTracker
+
+    run = _trial_run(context, trial_id)
+    if run is None:
+        return
+    tracker = RunTracker(context["tracking_uri"], run["run_id"])
+    tracker.set_tags({"ofq.error": error})
+    if run["status"] != "FAILED":
+        tracker.finish("FAILED")
+
+
+def _error_line(trial: Any) -> str:
+    """The exception line of a trial's error (the last line of its traceback)."""
+    try:
+        path = trial.error_file
+        with open(path) as handle:
+            lines = [line.strip() for line in handle.read().splitlines() if line.strip()]
+        return lines[-1][:500] if lines else "unknown error"
+    except (OSError, TypeError):
+        return "unknown error (no error file)"
+
+
+def best_kept_checkpoint(context: dict[str, Any], trial_id: str) -> tuple[dict[str, float], str] | None:
+    """The trial's best checkpoint of its last stage that Ray still keeps, by the sweep's ranking:
+    (that epoch's metrics, folder)."""
+    from ..checkpoint import CheckpointError, read_checkpoint
+
+    rank: RankConfig = context["sweep"].rank
+    stage_dir = os.path.join(
+        context["runs_dir"], "ray", f"{context['tune_name']}-{trial_id}-{context['trial_stages'][-1]}"
+    )
+    candidates = []
+    for folder in sorted(os.listdir(stage_dir)) if os.path.isdir(stage_dir) else []:
+        path = os.path.join(stage_dir, folder)
+        if folder.startswith("checkpoint_") and os.path.isdir(path):
+            try:
+                history = read_checkpoint(path)["history"]
+            except CheckpointError:  # a checkpoint still being written when the trial stopped
+                continue
+            candidates.append((history[-1], path))
+    candidates.sort(key=lambda c: c[0].get("epoch", 0.0))
+    return rank.best(candidates, lambda c: c[0].get(rank.metric))

@@ -1,0 +1,105 @@
+"""The searcher (Optuna's samplers through Ray's OptunaSearch, its study in an Optuna RDB storage) and
+the scheduler (ASHA; MO-ASHA when the sweep has several objectives)."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from ..config import ConfigError
+from .spec import Sweep
+
+# --- Optuna / Tune plumbing -----------------------------------------------------------------------------
+
+
+def optuna_space(search: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    import optuna
+
+    space: dict[str, Any] = {}
+    for key, dist in search.items():
+        ((kind, args),) = dist.items()
+        if kind in ("choice", "grid"):
+            space[key] = optuna.distributions.CategoricalDistribution(args)
+        elif kind == "int":
+            space[key] = optuna.distributions.IntDistribution(args[0], args[1])
+        else:
+            space[key] = optuna.distributions.FloatDistribution(args[0], args[1], log=kind == "loguniform")
+    return space
+
+
+def optuna_storage_url(sweep: Sweep, runs_dir: str) -> str:
+    """Where the sweep's Optuna study lives: ``tune.optuna_storage`` or ``<runs_dir>/optuna.db``."""
+    return sweep.tune.optuna_storage or f"sqlite:///{os.path.join(os.path.abspath(runs_dir), 'optuna.db')}"
+
+
+def open_optuna_storage(url: str) -> Any:
+    """An Optuna RDB storage, or a one-line ConfigError (checked before a sweep creates anything)."""
+    import optuna
+
+    try:
+        return optuna.storages.RDBStorage(url)
+    except Exception as error:  # unreachable server, bad URL, missing driver
+        raise ConfigError(f"tune.optuna_storage: cannot open {url} ({type(error).__name__})") from None
+
+
+def make_searcher(sweep: Sweep, storage: Any = None, study_name: str | None = None) -> Any:
+    """OptunaSearch with the sweep's sampler; with ``storage`` (see :func:`open_optuna_storage`) its study
+    is kept in that database under ``study_name`` (so optuna-dashboard can watch it and --resume
+    continues it), else in memory."""
+    import optuna
+    from ray.tune.search.optuna import OptunaSearch
+
+    settings = sweep.tune
+    kind = settings.searcher
+    if kind == "auto":
+        kind = "nsga2" if settings.multi_objective else "tpe"
+    if kind == "grid":
+        grid = {key: next(iter(dist.values())) for key, dist in sweep.search.items()}
+        sampler: Any = optuna.samplers.GridSampler(grid, seed=settings.seed)
+    elif kind == "nsga2":
+        sampler = optuna.samplers.NSGAIISampler(seed=settings.seed)
+    elif kind == "random":
+        sampler = optuna.samplers.RandomSampler(seed=settings.seed)
+    else:
+        sampler = optuna.samplers.TPESampler(seed=settings.seed, multivariate=True)
+    metric: Any = settings.metrics if settings.multi_objective else settings.metrics[0]
+    mode: Any = settings.modes if settings.multi_objective else settings.modes[0]
+    return OptunaSearch(
+        space=optuna_space(sweep.search),
+        metric=metric,
+        mode=mode,
+        sampler=sampler,
+        storage=storage,
+        study_name=study_name,
+    )
+
+
+def make_scheduler(sweep: Sweep, max_t: int) -> Any:
+    scheduler = sweep.tune.scheduler
+    if not isinstance(scheduler, dict):
+        return None
+    from ray.tune.schedulers import ASHAScheduler
+
+    from .mo_asha import MultiObjectiveASHA
+
+    options = scheduler["asha"] or {}
+    grace_period = int(options.get("grace_period", 1))
+    reduction_factor = float(options.get("reduction_factor", 3))
+    # One past the last epoch: ASHA stops a trial that reaches max_t, which would kill it before it
+    # logs its checkpoints and closes its MLflow run; trials end on their own instead.
+    if sweep.tune.multi_objective:  # promote by non-dominated rank over every objective (MO-ASHA)
+        return MultiObjectiveASHA(
+            sweep.tune.metrics,
+            sweep.tune.modes,
+            max_t=max_t + 1,
+            grace_period=grace_period,
+            reduction_factor=reduction_factor,
+        )
+    return ASHAScheduler(
+        time_attr="training_iteration",
+        metric=sweep.tune.metrics[0],
+        mode=sweep.tune.modes[0],
+        max_t=max_t + 1,
+        grace_period=grace_period,
+        reduction_factor=reduction_factor,
+    )
