@@ -20,6 +20,7 @@ from typing import IO, Any, TypeVar
 
 import yaml
 
+from .errors import ConfigError
 from .hints import did_you_mean
 from .quant.convert import QuantConfig
 from .quant.oscillation import metric_names as oscillation_metric_names
@@ -44,10 +45,6 @@ CGA_METRICS = ("cga/frozen_frac",)
 _METRIC_WORDS = {"accuracy": "top1", "acc": "top1", "acc1": "top1", "acc5": "top5", "error": "top1", "ce": "loss"}
 
 T = TypeVar("T")
-
-
-class ConfigError(ValueError):
-    """A user-facing configuration error (one line; the CLI prints it and exits with status 2)."""
 
 
 def reported_metrics(stage: str, track_oscillation: bool = True) -> tuple[str, ...]:

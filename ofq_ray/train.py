@@ -30,6 +30,7 @@ from .checkpoint import (
 from .config import ConfigError, RankConfig, RunConfig, config_from_dict
 from .data import DatasetInfo, build_datasets, build_loader
 from .engine import LRSchedule, build_optimizer, evaluate, train_one_epoch, unwrap
+from .errors import UserError
 from .models import _read_state_dict, create_model, get_spec, load_pretrained, teacher_logits
 
 URI_SCHEMES = ("runs:/", "models:/", "mlflow-artifacts:/")
@@ -83,7 +84,7 @@ def pin_source(source: str, tracking_uri: str) -> str:
         alias, _, rest = alias.partition("/")
         try:
             version = resolve_alias(tracking_uri, name, alias)["version"]
-        except ValueError as error:
+        except UserError as error:
             raise ConfigError(f"{source}: {error}") from None
         return f"models:/{name}/{version}" + (f"/{rest}" if rest else "")
     return source
@@ -96,7 +97,7 @@ def resolve_source(source: str, tracking_uri: str, field_name: str) -> str:
 
         try:
             return download_artifacts(source, tracking_uri=tracking_uri)
-        except ValueError as error:
+        except UserError as error:
             raise ConfigError(f"{field_name}: {error}") from None
     if not os.path.exists(source):
         raise ConfigError(f"{field_name}: {source} does not exist; allowed: a checkpoint path or an MLflow URI")
@@ -110,7 +111,7 @@ def _float_weights(path: str, field_name: str) -> dict[str, torch.Tensor]:
     except CheckpointError:
         try:
             return _read_state_dict(path if os.path.isfile(path) else os.path.join(path, "state.pt"))
-        except ValueError:
+        except UserError:
             raise ConfigError(f"{field_name}: {path} holds neither an ofq-ray checkpoint nor FP weights") from None
     if state["stage"] != "pretrain":
         raise ConfigError(f"{field_name}: {path} is a {state['stage']} checkpoint; allowed: a float (pretrain) one")
@@ -147,7 +148,7 @@ def pretrained_weights(config: RunConfig, info: DatasetInfo, source: str) -> tup
                 )
             else:
                 fresh_head = bool(load_pretrained(model, source))
-        except ValueError as error:
+        except UserError as error:
             raise ConfigError(str(error)) from None
     return model.state_dict(), fresh_head
 
@@ -231,7 +232,7 @@ def dataset_info(config: RunConfig) -> DatasetInfo:
             val_subset=config.data.val_subset,
             seed=config.seed,
         )
-    except ValueError as error:  # DatasetMissingError included
+    except UserError as error:  # DatasetMissingError included
         raise ConfigError(str(error)) from None
     if info.in_chans != spec.in_chans and config.model.pretrained:
         raise ConfigError(

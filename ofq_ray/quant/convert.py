@@ -14,6 +14,7 @@ from timm.models.swin_transformer import PatchMerging, SwinTransformer, SwinTran
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
+from ..errors import ConfigError
 from ..hints import did_you_mean
 from .attention import AttentionBits, QuantAttention, QuantWindowAttention
 from .layers import QConv2d, QLinear, Role, make_weight_quantizer, quantized_head
@@ -64,10 +65,10 @@ class QuantConfig:
                 check_bits(value, f"quant.{name}")
         for name in ("qkr", "faithful"):
             if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"quant.{name}: {getattr(self, name)!r} is not allowed; allowed: true, false")
+                raise ConfigError(f"quant.{name}: {getattr(self, name)!r} is not allowed; allowed: true, false")
         if self.weight_quantizer not in WEIGHT_QUANTIZERS:
             hint = did_you_mean(str(self.weight_quantizer), WEIGHT_QUANTIZERS)
-            raise ValueError(
+            raise ConfigError(
                 f"quant.weight_quantizer: {self.weight_quantizer!r} is not allowed; "
                 f"allowed: {', '.join(WEIGHT_QUANTIZERS)}{hint}"
             )
@@ -78,7 +79,7 @@ class QuantConfig:
         if self.weight_quantizer == "lsq" and self.qkr and quantized_weights:
             # The paper's LSQ baseline ignores QKR and quantizes q and k separately; LSQ on the merged
             # W_q^T W_k product is no baseline of the paper's, so it is not offered.
-            raise ValueError(
+            raise ConfigError(
                 "quant.qkr: true is not allowed with quant.weight_quantizer 'lsq'; allowed: false "
                 "(the paper's LSQ baseline quantizes q and k separately)"
             )
@@ -91,7 +92,9 @@ class QuantConfig:
         allowed = [f.name for f in fields(cls)]
         for key in values:
             if key not in allowed:
-                raise ValueError(f"quant.{key}: unknown key; allowed: {', '.join(allowed)}{did_you_mean(key, allowed)}")
+                raise ConfigError(
+                    f"quant.{key}: unknown key; allowed: {', '.join(allowed)}{did_you_mean(key, allowed)}"
+                )
         return cls(**values)
 
 
@@ -105,7 +108,7 @@ def check_layer_rules(rules: Any) -> list[dict[str, Any]]:
     if isinstance(rules, tuple):
         rules = list(rules)
     if not isinstance(rules, list):
-        raise ValueError(
+        raise ConfigError(
             f"quant.layers: {rules!r} is not allowed; allowed: a list of rules "
             "{match: GLOB, weight_bits: B, act_bits: B}"
         )
@@ -113,27 +116,27 @@ def check_layer_rules(rules: Any) -> list[dict[str, Any]]:
     for index, rule in enumerate(rules):
         where = f"quant.layers[{index}]"
         if not isinstance(rule, Mapping):
-            raise ValueError(
+            raise ConfigError(
                 f"{where}: {rule!r} is not allowed; allowed: a mapping with match and weight_bits and/or act_bits"
             )
         for key in rule:
             if key not in LAYER_RULE_KEYS:
-                raise ValueError(
+                raise ConfigError(
                     f"{where}.{key}: unknown key; allowed: {', '.join(LAYER_RULE_KEYS)}"
                     f"{did_you_mean(str(key), LAYER_RULE_KEYS)}"
                 )
         match = rule.get("match")
         if not isinstance(match, str) or not match.strip():
-            raise ValueError(
+            raise ConfigError(
                 f"{where}.match: {match!r} is not allowed; allowed: a glob over module names, e.g. 'blocks.0.*'"
             )
         widths = [key for key in _WIDTH_KEYS if key in rule]
         if not widths:
-            raise ValueError(f"{where}: sets no width; allowed: weight_bits and/or act_bits (2 to 8, or null)")
+            raise ConfigError(f"{where}: sets no width; allowed: weight_bits and/or act_bits (2 to 8, or null)")
         for key in widths:
             value = rule[key]
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or not 2 <= value <= 8):
-                raise ValueError(
+                raise ConfigError(
                     f"{where}.{key}: {value!r} is not allowed; allowed: an integer from 2 to 8, or null (float)"
                 )
         checked.append({"match": match, **{key: rule[key] for key in widths}})
@@ -227,7 +230,7 @@ def resolve_widths(model: nn.Module, config: QuantConfig) -> dict[str, LayerWidt
         matched = [site for site in sites if any(fnmatchcase(scope, pattern) for scope in scopes[site.name])]
         if not matched:
             names = [site.name for site in sites]
-            raise ValueError(
+            raise ConfigError(
                 f"quant.layers[{index}].match: {pattern!r} matches no quantizable module; allowed: a glob "
                 f"over names such as {_examples(names)}{did_you_mean(pattern, names)}"
             )
@@ -280,7 +283,7 @@ def _convert_attention(module: Attention, config: QuantConfig, at: Widths) -> nn
         if present
     ]
     if unsupported:
-        raise ValueError(f"model: attention with {', '.join(unsupported)} cannot be quantized; allowed: plain")
+        raise ConfigError(f"model: attention with {', '.join(unsupported)} cannot be quantized; allowed: plain")
     return QuantAttention(
         dim=module.qkv.in_features,
         num_heads=module.num_heads,
@@ -325,7 +328,7 @@ def _block_linear(linear: nn.Linear, config: QuantConfig, widths: LayerWidths, s
 
 def _convert_mlp(module: Mlp, config: QuantConfig, at: Widths) -> nn.Module:
     if not isinstance(module.fc1, nn.Linear) or not isinstance(module.fc2, nn.Linear):
-        raise ValueError("model: convolutional Mlp (use_conv=True) cannot be quantized; allowed: Linear Mlp")
+        raise ConfigError("model: convolutional Mlp (use_conv=True) cannot be quantized; allowed: Linear Mlp")
     module.fc1 = _block_linear(module.fc1, config, at("fc1"), signed_input=True)  # type: ignore[assignment]
     # The fc2 input is a GELU output: an unsigned grid, with negatives kept only through the shift.
     module.fc2 = _block_linear(module.fc2, config, at("fc2"), signed_input=False)  # type: ignore[assignment]
@@ -347,7 +350,7 @@ def _convert_patch_embed(module: PatchEmbed, config: QuantConfig, at: Widths) ->
     if widths.weight_bits is None and widths.act_bits is None:
         return module
     if module.img_size is None or not isinstance(module.proj, nn.Conv2d):
-        raise ValueError("model: patch embedding needs a fixed img_size and a Conv2d projection")
+        raise ConfigError("model: patch embedding needs a fixed img_size and a Conv2d projection")
     module.proj = QConv2d(module.proj, widths.weight_bits, widths.act_bits, tuple(module.img_size))  # type: ignore[arg-type,assignment]
     return module
 
@@ -384,7 +387,7 @@ def _widths_under(widths: dict[str, LayerWidths], prefix: str) -> Widths:
 def _check_supported(model: nn.Module) -> None:
     if not isinstance(model, SUPPORTED_MODELS):
         allowed = ", ".join(cls.__name__ for cls in SUPPORTED_MODELS)
-        raise ValueError(f"model: {type(model).__name__} cannot be quantized; allowed: {allowed} (timm)")
+        raise ConfigError(f"model: {type(model).__name__} cannot be quantized; allowed: {allowed} (timm)")
 
 
 def quantize_model(model: nn.Module, config: QuantConfig) -> nn.Module:

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..errors import CheckpointError
 from .attention import QuantAttention
 from .layers import ROLES, WeightSource, iter_quantized_weights
 from .quantizers import LsqQuantizer, StatsQuantizer
@@ -208,7 +209,7 @@ def quantized_size_bytes(model: nn.Module) -> int:
 
 def _check_export(export: dict[str, Any]) -> None:
     if export.get("format") != EXPORT_FORMAT or export.get("version") != EXPORT_VERSION:
-        raise ValueError(
+        raise CheckpointError(
             f"export: format {export.get('format')!r} version {export.get('version')!r} is not supported; "
             f"allowed: {EXPORT_FORMAT!r} version {EXPORT_VERSION}"
         )
@@ -225,13 +226,13 @@ def load_exported(model: nn.Module, export: dict[str, Any]) -> nn.Module:
     sources = dict(_quantized_sources(model))
     if set(sources) != set(export["layers"]):
         missing = sorted(set(export["layers"]) ^ set(sources))[:3]
-        raise ValueError(f"export: layers do not match this model (first differences: {', '.join(missing)})")
+        raise CheckpointError(f"export: layers do not match this model (first differences: {', '.join(missing)})")
     dropped = _latent_state_keys(model, list(sources.items()))
     result = model.load_state_dict(export["float_state"], strict=False)
     unexpected = list(result.unexpected_keys)
     missing_keys = [k for k in result.missing_keys if k not in dropped]
     if unexpected or missing_keys:
-        raise ValueError(f"export: float state does not match this model: {(unexpected + missing_keys)[:3]}")
+        raise CheckpointError(f"export: float state does not match this model: {(unexpected + missing_keys)[:3]}")
     owners = {id(m): n for n, m in model.named_modules()}
     for name, source in sources.items():
         layer = export["layers"][name]

@@ -13,6 +13,8 @@ import torch
 from torch import nn
 from torch.nn.parameter import UninitializedParameter
 
+from ..errors import ConfigError
+
 Granularity = Literal["tensor", "token", "query", "column", "channel", "out_channel", "in_channel"]
 GRANULARITIES: tuple[str, ...] = ("tensor", "token", "query", "column", "channel", "out_channel", "in_channel")
 
@@ -24,7 +26,7 @@ _MIN_STEP = 1e-5
 def check_bits(bits: int, field: str = "bits") -> int:
     """Returns ``bits`` if it is an int in 2..8, else raises a one-line ValueError naming ``field``."""
     if isinstance(bits, bool) or not isinstance(bits, int) or not 2 <= bits <= 8:
-        raise ValueError(f"{field}: {bits!r} is not allowed; allowed: an integer from 2 to 8")
+        raise ConfigError(f"{field}: {bits!r} is not allowed; allowed: an integer from 2 to 8")
     return bits
 
 
