@@ -15,7 +15,7 @@ from torch import nn
 
 from ofq_ray.quant import QuantConfig, init_activation_scales, quantize_model
 from ofq_ray.quant.cga import CGA
-from ofq_ray.quant.lean import LsqLinear, QkrLogits, unfused
+from ofq_ray.quant.lean import LsqLinear, PatchConv, QkrLogits, unfused
 from ofq_ray.quant.quantizers import low_confidence, statsq_prequant, statsq_scale
 
 # --- plain references: straight-through estimators written with detach() ---------------------------
@@ -202,6 +202,31 @@ def test_qkr_logits_match_the_merged_product_path(bf16: bool, boundary_range: fl
             lambda: qkr_reference(x, q_weight, k_weight, step, before, after, heads, 2, None, 0.21), inputs
         )
         assert not torch.allclose(unmasked[2], expected[2])
+
+
+# --- PatchConv ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("bf16", [False, True])
+@pytest.mark.parametrize(("size", "groups", "bias"), [(16, 1, True), (18, 1, True), (16, 3, False)])
+def test_patch_conv_matches_conv2d(bf16: bool, size: int, groups: int, bias: bool) -> None:
+    # 18 px leaves two rows and columns no patch covers; groups use the convolution's own backward.
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, size, size).requires_grad_(True)
+    weight = torch.randn(6, 3 // groups, 4, 4).requires_grad_(True)
+    b = torch.randn(6).requires_grad_(True) if bias else None
+    inputs = [x, weight] + ([b] if b is not None else [])
+
+    def fused() -> torch.Tensor:
+        with _autocast(bf16):
+            out: torch.Tensor = PatchConv.apply(x, weight, b, groups)
+        return out
+
+    def reference() -> torch.Tensor:
+        with _autocast(bf16):
+            return F.conv2d(x, weight, b, 4, 0, 1, groups)
+
+    _close(_grads(fused, inputs), _grads(reference, inputs), bf16)
 
 
 # --- whole models: fused vs module by module ---------------------------------------------------------

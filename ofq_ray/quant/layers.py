@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .lean import LsqLinear, fused
+from .lean import LsqLinear, PatchConv, fused, is_patchify
 from .quantizers import LsqQuantizer, StatsQuantizer, lsq_weight_quantizer
 
 WeightQuantizer = StatsQuantizer | LsqQuantizer
@@ -140,6 +140,9 @@ class QConv2d(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.input_quantizer(x)
         weight = self.weight_quantizer(self.weight)
+        if fused() and is_patchify(tuple(weight.shape[2:]), self.stride, self.padding, self.dilation):
+            out: torch.Tensor = PatchConv.apply(x, weight, self.bias, self.groups)
+            return out
         return F.conv2d(x, weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
 
     def quantized_weight_sources(self) -> list[WeightSource]:

@@ -217,3 +217,58 @@ class QkrLogits(torch.autograd.Function):
                 grad_q = torch.matmul(k, grad_m.transpose(1, 2)).reshape(q_weight.shape).to(q_weight.dtype)
                 grad_k = torch.matmul(q, grad_m).reshape(k_weight.shape).to(k_weight.dtype)
         return grad_x, grad_q, grad_k, grad_step, grad_before, grad_after, None, None, None, None, None, None
+
+
+def is_patchify(kernel: tuple[int, ...], stride: tuple[int, ...], padding: Any, dilation: tuple[int, ...]) -> bool:
+    """A convolution whose windows tile the input without overlap or padding (a patch embedding)."""
+    return tuple(kernel) == tuple(stride) and padding in ((0, 0), 0, "valid") and tuple(dilation) == (1, 1)
+
+
+class PatchConv(torch.autograd.Function):
+    """``F.conv2d(x, weight, bias, stride=kernel)`` for non-overlapping patches, with the input's gradient
+    as one GEMM instead of a transposed convolution.
+
+    The patch embedding's input is the quantized image, which needs a gradient for its quantizer's step
+    and shifts (the float model's image needs none). On CPUs the backward-data convolution for that
+    gradient took several times the whole float patch embedding; ``grad_out @ W`` scattered back to
+    the patches is the same sum. Weight and bias gradients come from the convolution's own backward.
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, groups: int
+    ) -> torch.Tensor:
+        kernel = tuple(weight.shape[2:])
+        out = F.conv2d(x, weight, bias, kernel, 0, 1, groups)
+        ctx.save_for_backward(x, weight)
+        ctx.bias = None if bias is None else (bias.shape, bias.dtype)
+        ctx.groups = groups
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # type: ignore[override]
+        x, weight = ctx.saved_tensors
+        kernel = list(weight.shape[2:])
+        x_gemm, weight_gemm = x.to(grad.dtype), weight.to(grad.dtype)
+        grad_x = grad_weight = grad_bias = None
+        if ctx.needs_input_grad[0]:
+            batch, channels, height, width = x.shape
+            out_channels, rows, cols = grad.shape[1], grad.shape[2], grad.shape[3]
+            if ctx.groups == 1 and (rows * kernel[0], cols * kernel[1]) == (height, width):
+                patches = grad.permute(0, 2, 3, 1).reshape(-1, out_channels).mm(weight_gemm.reshape(out_channels, -1))
+                patches = patches.view(batch, rows, cols, channels, kernel[0], kernel[1])
+                grad_x = patches.permute(0, 3, 1, 4, 2, 5).reshape(x.shape).to(x.dtype)
+            else:  # grouped, or an input the patches do not cover exactly
+                grad_x = torch.ops.aten.convolution_backward(
+                    grad, x_gemm, weight_gemm, None, kernel, [0, 0], [1, 1], False, [0, 0], ctx.groups,
+                    [True, False, False],
+                )[0].to(x.dtype)  # fmt: skip
+        if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
+            bias_sizes = None if ctx.bias is None else list(ctx.bias[0])
+            _, grad_weight, grad_bias = torch.ops.aten.convolution_backward(
+                grad, x_gemm, weight_gemm, bias_sizes, kernel, [0, 0], [1, 1], False, [0, 0], ctx.groups,
+                [False, True, ctx.bias is not None],
+            )  # fmt: skip
+            grad_weight = grad_weight.to(weight.dtype)
+            grad_bias = None if ctx.bias is None else grad_bias.to(ctx.bias[1])
+        return grad_x, grad_weight, grad_bias, None
