@@ -12,6 +12,8 @@ gradients are those of the unfused modules:
 - :class:`QkrLogits`: the QKR logits ``x_n . LSQ(StatsQ(W_q^T W_k) x_m)`` for all heads; saves
   ``x``, ``W_q``, ``W_k`` and the ``M_h x_m`` product (the GEMM is not redone); the merged product,
   its quantization and the quantized product are recomputed.
+- :class:`PatchConv`: the patch embedding (kernel == stride), whose input gradient (needed for the
+  image quantizer's step and shifts) is one GEMM instead of a backward-data convolution.
 
 Under autocast, forward runs in the caller's autocast state and backward recomputes in the same
 state, so every GEMM sees the dtypes it saw in the unfused graph.
