@@ -20,7 +20,8 @@ from timm.layers.attention import maybe_add_mask, resolve_self_attn_mask
 from torch import nn
 
 from .layers import QLinear, WeightSource, make_weight_quantizer
-from .quantizers import LsqQuantizer
+from .lean import QkrLogits, fused, merged_product
+from .quantizers import LsqQuantizer, StatsQuantizer
 
 
 def _token_quantizer(bits: int | None, features: int) -> LsqQuantizer | None:
@@ -156,11 +157,7 @@ class QuantAttention(nn.Module):
 
         Always computed in float32 (also under autocast): its rounding thresholds decide the codes.
         """
-        heads, d = self.num_heads, self.head_dim
-        q = self.q_weight.view(heads, d, self.dim).float()
-        k = self.k_weight.view(heads, d, self.dim).float()
-        with torch.autocast(q.device.type, enabled=False):
-            return torch.matmul(q.transpose(1, 2), k).reshape(heads * self.dim, self.dim)
+        return merged_product(self.q_weight, self.k_weight, self.num_heads)
 
     def key_bias(self) -> torch.Tensor | None:
         """``u_h = W_k^h^T b_q^h`` ([H, C]); the logit term ``u_h . x_m`` depends on the key only."""
@@ -175,6 +172,36 @@ class QuantAttention(nn.Module):
     def _qkr_logits(self, x: torch.Tensor) -> torch.Tensor:
         batch, tokens, dim = x.shape
         heads = self.num_heads
+        merged_q, qkx_q = self.merged_quantizer, self.qkx_quantizer
+        if fused() and isinstance(merged_q, StatsQuantizer) and qkx_q is not None and qkx_q.initialized:
+            # Fused (saves less for backward); the same numbers as the module-by-module path below.
+            grad = torch.is_grad_enabled() and (self.q_weight.requires_grad or self.k_weight.requires_grad)
+            masked = merged_q.boundary_range is not None and merged_q.training and grad
+            merged_logits: torch.Tensor = QkrLogits.apply(
+                x,
+                self.q_weight,
+                self.k_weight,
+                qkx_q.step,
+                qkx_q.shift_before,
+                qkx_q.shift_after,
+                heads,
+                merged_q.levels_half,
+                merged_q.boundary_range if masked else None,
+                qkx_q.qn,
+                qkx_q.qp,
+                qkx_q.grad_scale_for(batch * tokens * heads * dim),
+            )
+            logits = merged_logits.view(batch, tokens, tokens, heads).permute(0, 3, 1, 2)
+        else:
+            logits = self._qkr_logits_unfused(x)
+        key_bias = self.key_bias()
+        if key_bias is not None:
+            logits = logits + F.linear(x, key_bias.to(x.dtype)).transpose(1, 2).unsqueeze(2)
+        return logits
+
+    def _qkr_logits_unfused(self, x: torch.Tensor) -> torch.Tensor:
+        batch, tokens, dim = x.shape
+        heads = self.num_heads
         merged = self.merged_weight()
         if self.merged_quantizer is not None:
             merged = self.merged_quantizer(merged)
@@ -184,11 +211,7 @@ class QuantAttention(nn.Module):
             qkx = self.qkx_quantizer(qkx)
         # logits[b, n, (m, h)] = x_n . qkx[b, m, h], then to [B, H, N, M]
         logits = torch.matmul(x, qkx.reshape(batch, tokens * heads, dim).transpose(1, 2))
-        logits = logits.view(batch, tokens, tokens, heads).permute(0, 3, 1, 2)
-        key_bias = self.key_bias()
-        if key_bias is not None:
-            logits = logits + F.linear(x, key_bias.to(x.dtype)).transpose(1, 2).unsqueeze(2)
-        return logits
+        return logits.view(batch, tokens, tokens, heads).permute(0, 3, 1, 2)
 
     # --- shared ------------------------------------------------------------------------------------
     def _logits_and_values(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

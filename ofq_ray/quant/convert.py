@@ -326,12 +326,41 @@ def _block_linear(linear: nn.Linear, config: QuantConfig, widths: LayerWidths, s
     return QLinear(linear, weight_quantizer, input_quantizer)
 
 
+class QuantMlp(Mlp):
+    """timm's ``Mlp`` with quantized fc1/fc2: the same module (submodules, state-dict keys) with one
+    change in ``forward``: a GELU followed by fc2's input quantizer runs inside fc2's fused function,
+    which keeps only the pre-GELU tensor for backward (unfused: that tensor, the GELU output and its
+    quantized copy). :func:`quantize_model` turns an ``Mlp`` into one by swapping its class.
+    """
+
+    def _fused_gelu(self) -> str | None:
+        """GELU's ``approximate`` when fc2 can apply it itself (nothing between the GELU and fc2)."""
+        if not isinstance(self.act, nn.GELU) or not isinstance(self.norm, nn.Identity):
+            return None
+        if not isinstance(self.fc2, QLinear) or self.fc2.input_quantizer is None:
+            return None
+        if self.training and isinstance(self.drop1, nn.Dropout) and self.drop1.p > 0:
+            return None
+        return self.act.approximate
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.fc1(x)
+        gelu = self._fused_gelu()
+        if gelu is not None:
+            x = self.fc2(x, gelu=gelu)
+        else:
+            x = self.norm(self.drop1(self.act(x)))
+            x = self.fc2(x)
+        return self.drop2(x)  # type: ignore[no-any-return]
+
+
 def _convert_mlp(module: Mlp, config: QuantConfig, at: Widths) -> nn.Module:
     if not isinstance(module.fc1, nn.Linear) or not isinstance(module.fc2, nn.Linear):
         raise ConfigError("model: convolutional Mlp (use_conv=True) cannot be quantized; allowed: Linear Mlp")
     module.fc1 = _block_linear(module.fc1, config, at("fc1"), signed_input=True)  # type: ignore[assignment]
     # The fc2 input is a GELU output: an unsigned grid, with negatives kept only through the shift.
     module.fc2 = _block_linear(module.fc2, config, at("fc2"), signed_input=False)  # type: ignore[assignment]
+    module.__class__ = QuantMlp
     return module
 
 

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .lean import LsqLinear, PatchConv, fused, is_patchify
 from .quantizers import LsqQuantizer, StatsQuantizer, lsq_weight_quantizer
 
 WeightQuantizer = StatsQuantizer | LsqQuantizer
@@ -72,19 +73,42 @@ class QLinear(nn.Module):
     def quantized_weight(self) -> torch.Tensor:
         return self.weight if self.weight_quantizer is None else self.weight_quantizer(self.weight)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.input_quantizer is not None:
-            x = self.input_quantizer(x) if self.input_grid is None else self._quantize_on_grid(x)
+    def forward(self, x: torch.Tensor, gelu: str | None = None) -> torch.Tensor:
+        """``linear(Q_in(x))``, or ``linear(Q_in(gelu(x)))`` with ``gelu`` = GELU's ``approximate``.
+
+        With an initialized input quantizer, one fused autograd function (:class:`LsqLinear`) does
+        the GELU, the quantization and the GEMM, and keeps only ``x`` for backward.
+        """
+        quantizer = self.input_quantizer
+        if quantizer is not None and quantizer.initialized and fused():
+            grid_input = x if self.input_grid is None else self._on_grid(x)
+            out: torch.Tensor = LsqLinear.apply(
+                grid_input,
+                quantizer.step,
+                quantizer.shift_before,
+                quantizer.shift_after,
+                self.quantized_weight(),
+                self.bias,
+                quantizer.qn,
+                quantizer.qp,
+                quantizer.grad_scale(grid_input),
+                gelu,
+            )
+            return out if self.input_grid is None else out.view(*x.shape[:-1], self.out_features)
+        if gelu is not None:
+            x = F.gelu(x, approximate=gelu)
+        if quantizer is not None:
+            x = quantizer(x) if self.input_grid is None else quantizer(self._on_grid(x)).view(x.shape)
         return F.linear(x, self.quantized_weight(), self.bias)
 
-    def _quantize_on_grid(self, x: torch.Tensor) -> torch.Tensor:
-        assert self.input_quantizer is not None and self.input_grid is not None
+    def _on_grid(self, x: torch.Tensor) -> torch.Tensor:
+        """``[B, H*W, C]`` seen as the NHWC map ``[B, H, W, C]`` of ``input_grid``."""
+        assert self.input_grid is not None
         height, width = self.input_grid
         if x.dim() != 3 or x.shape[1] != height * width:
             raise ValueError(f"model: input of shape {tuple(x.shape)} does not fit the {height}x{width} grid")
-        batch, tokens, channels = x.shape
-        quantized: torch.Tensor = self.input_quantizer(x.view(batch, height, width, channels))
-        return quantized.view(batch, tokens, channels)
+        batch, _, channels = x.shape
+        return x.view(batch, height, width, channels)
 
     def quantized_weight_sources(self) -> list[WeightSource]:
         if self.weight_quantizer is None:
@@ -126,6 +150,9 @@ class QConv2d(nn.Module):
         if self.input_quantizer is not None:
             x = self.input_quantizer(x)
         weight = self.weight if self.weight_quantizer is None else self.weight_quantizer(self.weight)
+        if fused() and is_patchify(tuple(weight.shape[2:]), self.stride, self.padding, self.dilation):
+            out: torch.Tensor = PatchConv.apply(x, weight, self.bias, self.groups)
+            return out
         return F.conv2d(x, weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
 
     def quantized_weight_sources(self) -> list[WeightSource]:
