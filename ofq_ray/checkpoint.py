@@ -14,16 +14,13 @@ import torch
 from torch import nn
 
 from .config import RunConfig, config_from_dict
+from .errors import CheckpointError
 from .models import create_model
 from .quant import quantize_model
 
 FORMAT = "ofq-ray-checkpoint"
 VERSION = 1
 STATE_FILE = "state.pt"
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be read or does not fit (one line, names the path)."""
 
 
 def save_checkpoint(directory: str, state: dict[str, Any]) -> str:

@@ -13,14 +13,10 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-from .checkpoint import CheckpointError
-from .config import ConfigError, RunConfig, load_config
+from .config import RunConfig, load_config
+from .errors import ConfigError, UsageError, UserError
 
 USAGE_ERROR = 2
-
-
-class UsageError(ValueError):
-    """A command-line mistake (one line)."""
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
@@ -161,6 +157,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     from .checkpoint import load_model
     from .quant import export_quantized
+    from .quant.export import size_table
 
     model = load_model(args.checkpoint, tracking_uri=args.tracking_uri, runs_dir=args.runs_dir)
     export = export_quantized(model)
@@ -172,6 +169,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         f"wrote {args.out}: {len(export['layers'])} quantized tensors, codes {size['code_bytes']:,} B + scales "
         f"{size['scale_bytes']:,} B + float {size['float_bytes']:,} B = {size['total_bytes']:,} B"
     )
+    print(size_table(size))
     return 0
 
 
@@ -240,12 +238,7 @@ def main(argv: list[str] | None = None) -> int:
     handler: Callable[[argparse.Namespace], int] = args.func
     try:
         return handler(args)
-    except (ConfigError, CheckpointError, UsageError) as error:
-        print(f"ofq-ray: error: {error}", file=sys.stderr)
-        return USAGE_ERROR
-    except ValueError as error:  # dataset/model/quant validation raises plain one-line ValueErrors
-        if "\n" in str(error) or ":" not in str(error):
-            raise
+    except UserError as error:  # bad input (ofq_ray.errors); anything else is a bug and keeps its traceback
         print(f"ofq-ray: error: {error}", file=sys.stderr)
         return USAGE_ERROR
     except KeyboardInterrupt:

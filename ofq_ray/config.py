@@ -6,6 +6,7 @@ allowed, e.g. ``optim.lr: -1.0 is not allowed; allowed: a number > 0``.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import hashlib
 import json
@@ -19,6 +20,7 @@ from typing import IO, Any, TypeVar
 
 import yaml
 
+from .errors import ConfigError
 from .hints import did_you_mean
 from .quant.convert import QuantConfig
 from .quant.oscillation import metric_names as oscillation_metric_names
@@ -35,6 +37,7 @@ EPOCH_METRICS = (
     "val/top5",
     "val/loss",
     "model/size_bytes",
+    "model/bitops",
     "epoch",
 )
 CGA_METRICS = ("cga/frozen_frac",)
@@ -42,10 +45,6 @@ CGA_METRICS = ("cga/frozen_frac",)
 _METRIC_WORDS = {"accuracy": "top1", "acc": "top1", "acc1": "top1", "acc5": "top5", "error": "top1", "ce": "loss"}
 
 T = TypeVar("T")
-
-
-class ConfigError(ValueError):
-    """A user-facing configuration error (one line; the CLI prints it and exits with status 2)."""
 
 
 def reported_metrics(stage: str, track_oscillation: bool = True) -> tuple[str, ...]:
@@ -298,6 +297,8 @@ class RunConfig:
                 "kd.teacher: None is not allowed when kd.enabled and neither init_from nor model.pretrained(_path) "
                 "is set; allowed: an FP checkpoint path or MLflow URI (or set kd.enabled=false)"
             )
+        if self.quant.layers:
+            self._check_layer_rules()
         if self.stage == "cga" and self.quant.weight_quantizer != "statsq":
             raise ConfigError("quant.weight_quantizer: CGA needs 'statsq'; allowed: statsq")
         reported = reported_metrics(self.stage, self.track_oscillation)
@@ -306,6 +307,21 @@ class RunConfig:
                 f"rank.metric: {self.rank.metric!r} is not reported by a {self.stage} run; "
                 f"allowed: {', '.join(reported)}{metric_hint(self.rank.metric, reported)}"
             )
+
+    def _check_layer_rules(self) -> None:
+        """Every ``quant.layers`` glob must match a module of this model (built on the meta device: no
+        memory, no weights), so a bad rule fails at load and not inside a worker."""
+        import torch
+
+        from .models import create_model
+        from .quant.convert import resolve_widths
+
+        with torch.device("meta"):
+            model = create_model(self.model.name, num_classes=10, img_size=self.data.img_size)
+        try:
+            resolve_widths(model, self.quant)
+        except ValueError as error:
+            raise ConfigError(str(error)) from None
 
     @property
     def has_pretrained(self) -> bool:
@@ -499,7 +515,7 @@ def load_config(
     path: str | None = None, overrides: list[str] | tuple[str, ...] = (), base: dict | None = None
 ) -> RunConfig:
     """Reads a YAML run config (or ``base``), applies ``KEY=VALUE`` overrides, validates everything."""
-    data: dict[str, Any] = dict(base or {})
+    data: dict[str, Any] = copy.deepcopy(base or {})  # overrides must not reach into the caller's dicts
     if path is not None:
         if not os.path.isfile(path):
             raise ConfigError(f"config: {path} does not exist")

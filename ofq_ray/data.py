@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
+from .errors import ConfigError, DatasetError
 from .hints import did_you_mean
 
 __all__ = [
@@ -79,7 +80,7 @@ _STREAM_AUGMENT = 4
 _RESIZE_CHUNK = 2048
 
 
-class DatasetMissingError(ValueError):
+class DatasetMissingError(DatasetError):
     """A dataset's files are not where ``data.root`` points.
 
     The message is one line naming ``data.root``, the path looked at, the missing file or folder, and
@@ -168,7 +169,7 @@ def _subset_indices(total: int, subset: int | None, seed: int, stream: int, fiel
     if subset is None or subset >= total:
         return torch.arange(total)
     if subset < 1:
-        raise ValueError(f"{field}: must be a positive number of examples or null; got {subset}")
+        raise ConfigError(f"{field}: must be a positive number of examples or null; got {subset}")
     # Sorting keeps the subset in file order, so eval stays in a stable order.
     return torch.randperm(total, generator=_generator(seed, stream))[:subset].sort().values
 
@@ -176,7 +177,7 @@ def _subset_indices(total: int, subset: int | None, seed: int, stream: int, fiel
 def _validate_name(name: str) -> None:
     if name in DATASETS:
         return
-    raise ValueError(
+    raise ConfigError(
         f"data.name: unknown dataset '{name}'; allowed: {', '.join(DATASETS)}{did_you_mean(name, DATASETS)}"
     )
 
@@ -187,18 +188,18 @@ def _read_idx(path: str, expected_magic: int) -> np.ndarray:
         with gzip.open(path, "rb") as file:
             data = file.read()
     except (OSError, EOFError) as error:
-        raise ValueError(f"{path}: not a readable gzip IDX file ({error})") from error
+        raise DatasetError(f"{path}: not a readable gzip IDX file ({error})") from error
     if len(data) < 4:
-        raise ValueError(f"{path}: too short to be an IDX file ({len(data)} bytes)")
+        raise DatasetError(f"{path}: too short to be an IDX file ({len(data)} bytes)")
     magic = int.from_bytes(data[:4], "big")
     if magic != expected_magic:
-        raise ValueError(f"{path}: IDX magic number {magic}, expected {expected_magic}")
+        raise DatasetError(f"{path}: IDX magic number {magic}, expected {expected_magic}")
     # The low byte of the magic number is the number of dimensions (3 for images, 1 for labels).
     ndim = magic & 0xFF
     header = 4 + 4 * ndim
     dims = tuple(int.from_bytes(data[4 + 4 * axis : 8 + 4 * axis], "big") for axis in range(ndim))
     if len(data) != header + math.prod(dims):
-        raise ValueError(f"{path}: {len(data) - header} data bytes, header dimensions {dims} need {math.prod(dims)}")
+        raise DatasetError(f"{path}: {len(data) - header} data bytes, header dimensions {dims} need {math.prod(dims)}")
     # A bytearray makes the array writable, so torch.from_numpy does not warn.
     return np.frombuffer(bytearray(data[header:]), dtype=np.uint8).reshape(dims)
 
@@ -214,11 +215,11 @@ def _load_fashion_split(root: str, split: str) -> tuple[torch.Tensor, torch.Tens
     images = _read_idx(paths["images"], IDX_IMAGES_MAGIC)
     labels = _read_idx(paths["labels"], IDX_LABELS_MAGIC)
     if images.shape[1:] != (FASHION_MNIST_SIZE, FASHION_MNIST_SIZE):
-        raise ValueError(f"{paths['images']}: images are {images.shape[1:]}, expected 28x28")
+        raise DatasetError(f"{paths['images']}: images are {images.shape[1:]}, expected 28x28")
     if labels.shape[0] != images.shape[0]:
-        raise ValueError(f"{paths['labels']}: {labels.shape[0]} labels for {images.shape[0]} images")
+        raise DatasetError(f"{paths['labels']}: {labels.shape[0]} labels for {images.shape[0]} images")
     if labels.size and int(labels.max()) > 9:
-        raise ValueError(f"{paths['labels']}: label {int(labels.max())} outside 0..9")
+        raise DatasetError(f"{paths['labels']}: label {int(labels.max())} outside 0..9")
     return torch.from_numpy(images).unsqueeze(1), torch.from_numpy(labels).to(torch.int64)
 
 
@@ -372,7 +373,7 @@ def _build_image_folder(
     if train_folder.classes != val_folder.classes:
         only_train = sorted(set(train_folder.classes) - set(val_folder.classes))
         only_val = sorted(set(val_folder.classes) - set(train_folder.classes))
-        raise ValueError(
+        raise DatasetError(
             f"data.root: class folders of {root}/train and {root}/val differ "
             f"(only in train: {only_train[:5]}, only in val: {only_val[:5]})"
         )
@@ -428,7 +429,7 @@ def build_datasets(
     """
     _validate_name(name)
     if img_size < 1:
-        raise ValueError(f"data.img_size: must be a positive number of pixels; got {img_size}")
+        raise ConfigError(f"data.img_size: must be a positive number of pixels; got {img_size}")
     if name == "imagefolder":
         return _build_image_folder(root, img_size, train_subset, val_subset, seed)
     return _build_in_memory(name, root, img_size, train_subset, val_subset, seed)
@@ -436,7 +437,7 @@ def build_datasets(
 
 def _check_shard(rank: int, world_size: int, batch_size: int) -> None:
     if batch_size < 1:
-        raise ValueError(f"batch_size: must be positive; got {batch_size}")
+        raise ConfigError(f"batch_size: must be positive; got {batch_size}")
     if world_size < 1 or not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} / world_size {world_size}: need 0 <= rank < world_size")
 
@@ -486,7 +487,7 @@ class TensorLoader:
         self._scale = 1.0 / (255.0 * std_tensor)
         self._shift = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1) / std_tensor
         if train and len(self) == 0:
-            raise ValueError(
+            raise ConfigError(
                 f"batch_size: {batch_size} is larger than the per-rank train shard "
                 f"({len(dataset) // world_size} examples); no train step would run"
             )
@@ -595,7 +596,7 @@ class FolderLoader:
             generator=self._loader_generator,
         )
         if train and len(self.loader) == 0:
-            raise ValueError(
+            raise ConfigError(
                 f"batch_size: {batch_size} is larger than the per-rank train shard "
                 f"({total // world_size} examples); no train step would run"
             )

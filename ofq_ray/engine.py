@@ -47,7 +47,17 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
 
 
 def build_optimizer(model: nn.Module, lr: float, weight_decay: float) -> torch.optim.AdamW:
-    return torch.optim.AdamW(param_groups(model, weight_decay), lr=lr, betas=(0.9, 0.999), eps=1e-8)
+    """AdamW over :func:`param_groups`, fused (one kernel per step) where every parameter allows it.
+
+    The quantized model has about 2.7x as many parameter tensors as the float one (a step and two
+    shifts per quantizer), most of them tiny; the per-tensor AdamW (~10 ops each, the CPU default)
+    then cost ~10 ms of a ~180 ms CPU training step of ``vit_fmnist_small``. The update is AdamW's
+    formula either way.
+    """
+    groups = param_groups(model, weight_decay)
+    params = [param for group in groups for param in group["params"]]
+    fused = all(param.device.type in ("cpu", "cuda") and param.is_floating_point() for param in params)
+    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.999), eps=1e-8, fused=fused or None)
 
 
 @dataclass(frozen=True)

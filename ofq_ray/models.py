@@ -14,6 +14,7 @@ import timm
 import torch
 from torch import nn
 
+from .errors import ConfigError
 from .hints import did_you_mean
 
 
@@ -112,13 +113,13 @@ def get_spec(name: str) -> ModelSpec:
     """The registered spec, or a one-line ``ValueError`` naming ``model.name`` and the allowed names."""
     if name not in MODELS:
         hint = did_you_mean(name, MODELS)
-        raise ValueError(f"model.name: unknown model {name!r}; allowed: {', '.join(MODELS)}{hint}")
+        raise ConfigError(f"model.name: unknown model {name!r}; allowed: {', '.join(MODELS)}{hint}")
     return MODELS[name]
 
 
 def _read_state_dict(path: str) -> dict[str, torch.Tensor]:
     if not os.path.isfile(path):
-        raise ValueError(f"model.pretrained_path: {path} does not exist")
+        raise ConfigError(f"model.pretrained_path: {path} does not exist")
     try:
         if path.endswith(".safetensors"):
             from safetensors.torch import load_file
@@ -127,12 +128,12 @@ def _read_state_dict(path: str) -> dict[str, torch.Tensor]:
         else:
             state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # any unreadable file is the same user error
-        raise ValueError(f"model.pretrained_path: cannot read {path}: {type(error).__name__}") from None
+        raise ConfigError(f"model.pretrained_path: cannot read {path}: {type(error).__name__}") from None
     for key in ("model_state", "model", "state_dict"):  # ofq-ray, DeiT/timm and Lightning-style wrappers
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise ValueError(f"model.pretrained_path: {path} holds no state dict of tensors")
+        raise ConfigError(f"model.pretrained_path: {path} holds no state dict of tensors")
     return state
 
 
@@ -153,7 +154,7 @@ def load_pretrained(model: nn.Module, path: str) -> list[str]:
     if mismatched or missing or unexpected:
         detail = (mismatched and f"shape mismatch {mismatched[:2]}") or (missing and f"missing {missing[:2]}")
         detail = detail or f"unexpected {unexpected[:2]}"
-        raise ValueError(f"model.pretrained_path: {path} does not fit this model ({detail})")
+        raise ConfigError(f"model.pretrained_path: {path} does not fit this model ({detail})")
     model.load_state_dict(state, strict=False)
     return skipped
 
@@ -185,7 +186,7 @@ def create_model(
         try:
             return timm.create_model(spec.arch, pretrained=True, **kwargs)
         except Exception as error:  # hub unreachable, or no weights for these overrides
-            raise ValueError(
+            raise ConfigError(
                 f"model.pretrained: could not fetch weights for {spec.arch} ({type(error).__name__}); "
                 "set model.pretrained_path to a local weights file"
             ) from None

@@ -32,6 +32,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from .errors import ConfigError, TrackingError
 from .hints import did_you_mean
 
 if TYPE_CHECKING:
@@ -145,7 +146,7 @@ def ensure_experiment(uri: str, name: str, runs_dir: str) -> str:
             name reserved until it is restored or garbage-collected).
     """
     if not name or not name.strip():
-        raise ValueError("experiment name must be a non-empty string")
+        raise ConfigError("experiment name must be a non-empty string")
     client = _client(uri)
     existing = client.get_experiment_by_name(name)
     if existing is None:
@@ -163,7 +164,7 @@ def ensure_experiment(uri: str, name: str, runs_dir: str) -> str:
             if existing is None:
                 raise
     if existing.lifecycle_stage == "deleted":
-        raise ValueError(
+        raise TrackingError(
             f"experiment {name!r} (id {existing.experiment_id}) was deleted; restore it with "
             f"`mlflow experiments restore --experiment-id {existing.experiment_id}`, purge it with `mlflow gc`, "
             "or choose another name"
@@ -480,7 +481,7 @@ def search_runs(
     found = client.get_experiment_by_name(experiment)
     if found is None:
         names = [exp.name for exp in client.search_experiments()]
-        raise ValueError(f"no MLflow experiment named {experiment!r} in {uri}{did_you_mean(experiment, names)}")
+        raise TrackingError(f"no MLflow experiment named {experiment!r} in {uri}{did_you_mean(experiment, names)}")
     runs: list[dict[str, Any]] = []
     page_token: str | None = None
     while True:
@@ -532,7 +533,7 @@ def download_artifacts(uri: str, dst: str | None = None, *, tracking_uri: str) -
     if scheme == "runs":
         run_id, _, artifact_path = uri[len("runs:") :].lstrip("/").partition("/")
         if not run_id:
-            raise ValueError(f"{uri!r}: expected runs:/<run_id>/<artifact path>")
+            raise TrackingError(f"{uri!r}: expected runs:/<run_id>/<artifact path>")
         return _download_run_artifact(_client(tracking_uri), tracking_uri, uri, run_id, artifact_path.strip("/"), dst)
     if scheme == "models":
         return _download_model_artifact(tracking_uri, uri, dst)
@@ -552,7 +553,7 @@ def sanitize_model_name(name: str) -> str:
     """
     cleaned = re.sub(r"[/:\s]+", "-", name.strip()).strip("-.")
     if not cleaned:
-        raise ValueError(f"cannot make a registered model name from {name!r}")
+        raise ConfigError(f"cannot make a registered model name from {name!r}")
     return cleaned
 
 
@@ -588,7 +589,7 @@ def register_checkpoint(
     from mlflow.utils.validation import path_not_unique
 
     if not name or not name.strip() or "/" in name or ":" in name or path_not_unique(name):
-        raise ValueError(
+        raise ConfigError(
             f"invalid registered model name {name!r}: it must be non-empty, contain no '/' or ':' and not "
             f"look like a relative path; try {_safe_suggestion(name)!r}"
         )
@@ -597,7 +598,7 @@ def register_checkpoint(
     source = f"runs:/{run_id}/{artifact_path.strip('/')}"
     _get_run_or_raise(client, run_id, f"{source!r}: run {run_id!r}")
     if not _run_artifact_exists(client, run_id, artifact_path.strip("/")):
-        raise ValueError(f"{source!r}: run {run_id} has no artifact {artifact_path!r}")
+        raise TrackingError(f"{source!r}: run {run_id} has no artifact {artifact_path!r}")
     try:
         client.create_registered_model(name)
     except Exception as error:
@@ -700,9 +701,9 @@ def _check_key(kind: str, key: object) -> str:
 
 def _check_alias(alias: str) -> None:
     if not alias or not _ALIAS_PATTERN.match(alias) or len(alias) > 255:
-        raise ValueError(f"invalid alias {alias!r}: use letters, digits, '_' and '-' (at most 255 characters)")
+        raise ConfigError(f"invalid alias {alias!r}: use letters, digits, '_' and '-' (at most 255 characters)")
     if alias.lower() == "latest" or _VERSION_ALIAS_PATTERN.match(alias):
-        raise ValueError(f"invalid alias {alias!r}: 'latest' and 'v<number>' are reserved by MLflow")
+        raise ConfigError(f"invalid alias {alias!r}: 'latest' and 'v<number>' are reserved by MLflow")
 
 
 def _get_run_or_raise(client: MlflowClient, run_id: str, what: str) -> Any:
@@ -710,7 +711,7 @@ def _get_run_or_raise(client: MlflowClient, run_id: str, what: str) -> Any:
         return client.get_run(run_id)
     except Exception as error:
         if _error_code(error) in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
-            raise ValueError(f"{what} not found in this tracking store") from None
+            raise TrackingError(f"{what} not found in this tracking store") from None
         raise
 
 
@@ -777,7 +778,7 @@ def _download_with_mlflow(label: str, artifact_uri: str, dst: str | None, tracki
                     artifact_uri=artifact_uri, dst_path=target, tracking_uri=tracking_uri
                 )
         except Exception as error:
-            raise ValueError(f"{label!r}: {_first_line(error)}") from None
+            raise TrackingError(f"{label!r}: {_first_line(error)}") from None
 
 
 def _download_run_artifact(
@@ -785,7 +786,7 @@ def _download_run_artifact(
 ) -> str:
     _get_run_or_raise(client, run_id, f"{label!r}: run {run_id!r}")
     if not _run_artifact_exists(client, run_id, artifact_path):
-        raise ValueError(f"{label!r}: run {run_id} has no artifact {artifact_path!r}")
+        raise TrackingError(f"{label!r}: run {run_id} has no artifact {artifact_path!r}")
     import mlflow.artifacts
 
     with _destination(dst) as target:
@@ -795,7 +796,7 @@ def _download_run_artifact(
                     run_id=run_id, artifact_path=artifact_path or None, dst_path=target, tracking_uri=tracking_uri
                 )
         except Exception as error:
-            raise ValueError(f"{label!r}: {_first_line(error)}") from None
+            raise TrackingError(f"{label!r}: {_first_line(error)}") from None
 
 
 def _model_version(
@@ -807,7 +808,7 @@ def _model_version(
         if version == "latest":
             versions = client.search_model_versions(f"name = '{name}'")
             if not versions:
-                raise ValueError(f"{label!r}: registered model {name!r} has no versions")
+                raise TrackingError(f"{label!r}: registered model {name!r} has no versions")
             return max(versions, key=lambda found: int(found.version))
         return client.get_model_version(name, str(version))
     except ValueError:
@@ -817,14 +818,16 @@ def _model_version(
             raise
         if client.search_registered_models(f"name = '{name}'"):
             what = f"alias {alias!r}" if alias is not None else f"version {version!r}"
-            raise ValueError(f"{label!r}: registered model {name!r} has no {what}") from None
-        raise ValueError(f"{label!r}: no registered model named {name!r}") from None
+            raise TrackingError(f"{label!r}: registered model {name!r} has no {what}") from None
+        raise TrackingError(f"{label!r}: no registered model named {name!r}") from None
 
 
 def _download_model_artifact(tracking_uri: str, uri: str, dst: str | None) -> str:
     body = uri[len("models:") :]
     if body.startswith("//"):
-        raise ValueError(f"{uri!r}: models:// URIs with a registry host are not supported; use models:/<name>@<alias>")
+        raise TrackingError(
+            f"{uri!r}: models:// URIs with a registry host are not supported; use models:/<name>@<alias>"
+        )
     head, _, rest = body.lstrip("/").partition("/")
     client = _client(tracking_uri)
     if "@" in head:
@@ -834,7 +837,7 @@ def _download_model_artifact(tracking_uri: str, uri: str, dst: str | None) -> st
     else:
         version, _, sub_path = rest.partition("/")
         if not head or not (version.isdigit() or version == "latest"):
-            raise ValueError(f"{uri!r}: expected models:/<name>@<alias>[/path] or models:/<name>/<version>[/path]")
+            raise TrackingError(f"{uri!r}: expected models:/<name>@<alias>[/path] or models:/<name>/<version>[/path]")
         name = head
         found = _model_version(client, uri, name, version=version)
     source = str(client.get_model_version_download_uri(name, str(found.version)))
@@ -853,7 +856,7 @@ def _download_model_artifact(tracking_uri: str, uri: str, dst: str | None) -> st
 def _local_path(label: str, path: str, dst: str | None) -> str:
     source = Path(path).expanduser()
     if not source.exists():
-        raise ValueError(f"{label!r}: no such file or directory")
+        raise TrackingError(f"{label!r}: no such file or directory")
     if dst is None:
         return str(path)
     with _destination(dst) as target:

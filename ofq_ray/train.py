@@ -30,6 +30,7 @@ from .checkpoint import (
 from .config import ConfigError, RankConfig, RunConfig, config_from_dict
 from .data import DatasetInfo, build_datasets, build_loader
 from .engine import LRSchedule, build_optimizer, evaluate, train_one_epoch, unwrap
+from .errors import UserError
 from .models import _read_state_dict, create_model, get_spec, load_pretrained, teacher_logits
 
 URI_SCHEMES = ("runs:/", "models:/", "mlflow-artifacts:/")
@@ -83,7 +84,7 @@ def pin_source(source: str, tracking_uri: str) -> str:
         alias, _, rest = alias.partition("/")
         try:
             version = resolve_alias(tracking_uri, name, alias)["version"]
-        except ValueError as error:
+        except UserError as error:
             raise ConfigError(f"{source}: {error}") from None
         return f"models:/{name}/{version}" + (f"/{rest}" if rest else "")
     return source
@@ -96,7 +97,7 @@ def resolve_source(source: str, tracking_uri: str, field_name: str) -> str:
 
         try:
             return download_artifacts(source, tracking_uri=tracking_uri)
-        except ValueError as error:
+        except UserError as error:
             raise ConfigError(f"{field_name}: {error}") from None
     if not os.path.exists(source):
         raise ConfigError(f"{field_name}: {source} does not exist; allowed: a checkpoint path or an MLflow URI")
@@ -110,7 +111,7 @@ def _float_weights(path: str, field_name: str) -> dict[str, torch.Tensor]:
     except CheckpointError:
         try:
             return _read_state_dict(path if os.path.isfile(path) else os.path.join(path, "state.pt"))
-        except ValueError:
+        except UserError:
             raise ConfigError(f"{field_name}: {path} holds neither an ofq-ray checkpoint nor FP weights") from None
     if state["stage"] != "pretrain":
         raise ConfigError(f"{field_name}: {path} is a {state['stage']} checkpoint; allowed: a float (pretrain) one")
@@ -147,7 +148,7 @@ def pretrained_weights(config: RunConfig, info: DatasetInfo, source: str) -> tup
                 )
             else:
                 fresh_head = bool(load_pretrained(model, source))
-        except ValueError as error:
+        except UserError as error:
             raise ConfigError(str(error)) from None
     return model.state_dict(), fresh_head
 
@@ -231,7 +232,7 @@ def dataset_info(config: RunConfig) -> DatasetInfo:
             val_subset=config.data.val_subset,
             seed=config.seed,
         )
-    except ValueError as error:  # DatasetMissingError included
+    except UserError as error:  # DatasetMissingError included
         raise ConfigError(str(error)) from None
     if info.in_chans != spec.in_chans and config.model.pretrained:
         raise ConfigError(
@@ -419,14 +420,13 @@ def _quiet_ray_train_reports() -> None:
 
 
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
-    """The per-worker loop Ray Train runs (also usable in-process with ``num_workers=0``)."""
+    """The per-worker loop Ray Train runs (also usable in-process with ``num_workers=0``): build, resume,
+    then one train epoch + eval + MLflow log + checkpoint report per epoch."""
     import ray
     import ray.train
     import ray.train.torch
 
-    from .quant import init_activation_scales, quantize_model, quantized_size_bytes, set_data_parallel_replicas
-    from .quant.cga import CGA
-    from .quant.oscillation import OscillationTracker
+    from .quant.cost import model_cost
     from .tracking import RunTracker
 
     _quiet_ray_train_reports()
@@ -438,95 +438,20 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     device = ray.train.torch.get_device()
     sources = {k: ray.get(v) for k, v in loop_config["sources"].items()}
 
-    train_set, val_set, _ = build_datasets(
-        config.data.name,
-        config.data.root,
-        info.img_size,
-        train_subset=config.data.train_subset,
-        val_subset=config.data.val_subset,
-        seed=config.seed,
-    )
-    common = dict(rank=rank, world_size=world, seed=config.seed)
-    train_loader = build_loader(
-        train_set,
-        info,
-        batch_size=config.batch_size // world,
-        train=True,
-        augment=config.data.augment,
-        num_workers=config.data.num_workers,
-        **common,
-    )
-    val_loader = build_loader(
-        val_set,
-        info,
-        batch_size=max(1, config.eval_batch_size // world),
-        train=False,
-        num_workers=config.data.num_workers,
-        **common,
-    )
-
-    torch.manual_seed(config.seed)  # identical initial weights on every rank
-    model = build_model(config, info.num_classes, info.in_chans, info.img_size, quantized=False)
-    if config.stage in ("pretrain", "qat") and "init_weights" in sources:  # float weights
-        load_model_state(model, sources["init_weights"], config.init_from or "init_from")
-    if config.quantized:
-        quantize_model(model, config.quant)
-    if config.stage == "cga":
-        load_model_state(model, sources["init_weights"], config.init_from or "init_from")
-    elif config.stage == "qat":
-        init_activation_scales(model, _init_batch(config, train_set, info, train_loader))
-    if config.quantized and not config.quant.faithful:
-        set_data_parallel_replicas(model, world)
-    distilled = getattr(model, "set_distilled_training", None)
-    if distilled is not None:
-        distilled(True)  # two-head students return (class, distillation) logits while training
+    train_set, train_loader, val_loader = _worker_data(config, info, rank, world)
+    model = _worker_model(config, info, sources, world, lambda: _init_batch(config, train_set, info, train_loader))
     model.to(device)
+    teacher_fn = _worker_teacher(config, info, sources, device)
+    optimizer, schedule, cga, tracker = _worker_optimization(config, model, sources)
+    start_epoch, history = _resume(model, optimizer, tracker)
 
-    teacher_fn = None
-    if "teacher_weights" in sources:
-        teacher = build_model(config, info.num_classes, info.in_chans, info.img_size, quantized=False)
-        load_model_state(teacher, sources["teacher_weights"], "kd.teacher")
-        teacher.to(device).eval().requires_grad_(False)
-        teacher_fn = lambda images: teacher_logits(teacher, images)
-
-    optimizer = build_optimizer(model, config.optim.lr, config.optim.weight_decay)
-    if config.stage == "cga" and sources.get("init_optimizer") is not None:
-        optimizer.load_state_dict(sources["init_optimizer"])  # CGA continues the QAT optimizer, as the reference
-    schedule = LRSchedule(
-        lr=config.optim.lr,
-        min_lr=config.optim.min_lr,
-        epochs=config.epochs,
-        warmup_epochs=config.optim.warmup_epochs,
-        warmup_lr=config.optim.warmup_lr,
-        cooldown_epochs=config.optim.cooldown_epochs,
-        kind=config.schedule,
-    )
-    cga = (
-        CGA(model, config.cga.boundary_range, include_merged=config.cga.include_merged)
-        if config.stage == "cga"
-        else None
-    )
-    tracker = OscillationTracker(model) if config.quantized and config.track_oscillation else None
-
-    start_epoch, history = 0, []
-    resume = ray.train.get_checkpoint()
-    if resume is not None:
-        state = read_checkpoint(resume.path)
-        load_model_state(model, state["model_state"], resume.path)
-        optimizer.load_state_dict(state["optimizer_state"])
-        if tracker is not None and state.get("tracker_state"):
-            tracker.load_state_dict(state["tracker_state"])
-        start_epoch, history = state["epoch"], state["history"]
-        torch.set_rng_state(state["rng_state"])
-
+    # Exact packed size (each layer at its own width) and BitOPs per image: known before training, so
+    # free objectives (and budgets) for sweeps; run_cost (ofq_ray.cost) gives the same numbers up front.
+    costs = model_cost(model, (info.in_chans, info.img_size, info.img_size))
     if world > 1 or device.type != "cpu":
         model = ray.train.torch.prepare_model(model)
     if config.compile:
         model = torch.compile(model)  # type: ignore[assignment]
-    bare = unwrap(model)
-    size_bytes = float(
-        quantized_size_bytes(bare) if config.quantized else 4 * sum(p.numel() for p in bare.parameters())
-    )
     offset = int(loop_config.get("epoch_offset", 0))
     mixup = _mixup(config, info)
     autocast = torch.bfloat16 if config.precision == "bf16" else None
@@ -559,7 +484,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             tracker.summary(reset_window=True)
         if cga is not None:
             metrics["cga/frozen_frac"] = cga.frozen_fraction()
-        metrics["model/size_bytes"] = size_bytes  # known before training: a free objective for sweeps
+        metrics.update(costs)  # model/size_bytes, model/bitops
         metrics["epoch"] = float(offset + epoch)
         history.append(metrics)
         if run is not None:
@@ -568,27 +493,155 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             run.sync_history(history)
             sys.stdout.write(_progress_line(config, epoch, metrics) + "\n")
             sys.stdout.flush()
-        with tempfile.TemporaryDirectory() as tmp:
-            checkpoint = None
-            if rank == 0:
-                save_checkpoint(
-                    tmp,
-                    {
-                        "stage": config.stage,
-                        "config": config.to_dict(),
-                        "data_info": info.__dict__,
-                        "epoch": epoch + 1,
-                        "model_state": unwrap(model).state_dict(),
-                        "optimizer_state": optimizer.state_dict(),
-                        "tracker_state": tracker.state_dict() if tracker is not None else {},
-                        "history": history,
-                        "rng_state": torch.get_rng_state(),
-                        "teacher_source": loop_config.get("teacher_source"),
-                        "mlflow_run_id": loop_config["run_id"],
-                    },
-                )
-                checkpoint = ray.train.Checkpoint.from_directory(tmp)
-            ray.train.report(metrics, checkpoint=checkpoint)
+        _report(metrics, rank, loop_config, config, info, epoch, model, optimizer, tracker, history)
+
+
+def _worker_data(config: RunConfig, info: DatasetInfo, rank: int, world: int) -> tuple[Any, Any, Any]:
+    """This rank's shard of the train set (a global batch split over the workers) and of the val set."""
+    train_set, val_set, _ = build_datasets(
+        config.data.name,
+        config.data.root,
+        info.img_size,
+        train_subset=config.data.train_subset,
+        val_subset=config.data.val_subset,
+        seed=config.seed,
+    )
+    common: dict[str, Any] = {"rank": rank, "world_size": world, "seed": config.seed}
+    train_loader = build_loader(
+        train_set,
+        info,
+        batch_size=config.batch_size // world,
+        train=True,
+        augment=config.data.augment,
+        num_workers=config.data.num_workers,
+        **common,
+    )
+    val_loader = build_loader(
+        val_set,
+        info,
+        batch_size=max(1, config.eval_batch_size // world),
+        train=False,
+        num_workers=config.data.num_workers,
+        **common,
+    )
+    return train_set, train_loader, val_loader
+
+
+def _worker_model(
+    config: RunConfig, info: DatasetInfo, sources: dict[str, Any], world: int, init_batch: Any
+) -> torch.nn.Module:
+    """The stage's model: float weights (init_from / pretrained) -> quantized -> (cga) the QAT state,
+    (qat) activation steps initialized on ``init_batch()``; identical on every rank."""
+    from .quant import init_activation_scales, quantize_model, set_data_parallel_replicas
+
+    torch.manual_seed(config.seed)  # identical initial weights on every rank
+    model = build_model(config, info.num_classes, info.in_chans, info.img_size, quantized=False)
+    if config.stage in ("pretrain", "qat") and "init_weights" in sources:  # float weights
+        load_model_state(model, sources["init_weights"], config.init_from or "init_from")
+    if config.quantized:
+        quantize_model(model, config.quant)
+    if config.stage == "cga":
+        load_model_state(model, sources["init_weights"], config.init_from or "init_from")
+    elif config.stage == "qat":
+        init_activation_scales(model, init_batch())
+    if config.quantized and not config.quant.faithful:
+        set_data_parallel_replicas(model, world)
+    distilled = getattr(model, "set_distilled_training", None)
+    if distilled is not None:
+        distilled(True)  # two-head students return (class, distillation) logits while training
+    return model
+
+
+def _worker_teacher(config: RunConfig, info: DatasetInfo, sources: dict[str, Any], device: Any) -> Any:
+    """The KD teacher's logits function, or None without a teacher."""
+    if "teacher_weights" not in sources:
+        return None
+    teacher = build_model(config, info.num_classes, info.in_chans, info.img_size, quantized=False)
+    load_model_state(teacher, sources["teacher_weights"], "kd.teacher")
+    teacher.to(device).eval().requires_grad_(False)
+    return lambda images: teacher_logits(teacher, images)
+
+
+def _worker_optimization(
+    config: RunConfig, model: torch.nn.Module, sources: dict[str, Any]
+) -> tuple[Any, Any, Any, Any]:
+    """(optimizer, LR schedule, CGA or None, oscillation tracker or None)."""
+    from .quant.cga import CGA
+    from .quant.oscillation import OscillationTracker
+
+    optimizer = build_optimizer(model, config.optim.lr, config.optim.weight_decay)
+    if config.stage == "cga" and sources.get("init_optimizer") is not None:
+        optimizer.load_state_dict(sources["init_optimizer"])  # CGA continues the QAT optimizer, as the reference
+    schedule = LRSchedule(
+        lr=config.optim.lr,
+        min_lr=config.optim.min_lr,
+        epochs=config.epochs,
+        warmup_epochs=config.optim.warmup_epochs,
+        warmup_lr=config.optim.warmup_lr,
+        cooldown_epochs=config.optim.cooldown_epochs,
+        kind=config.schedule,
+    )
+    cga = (
+        CGA(model, config.cga.boundary_range, include_merged=config.cga.include_merged)
+        if config.stage == "cga"
+        else None
+    )
+    tracker = OscillationTracker(model) if config.quantized and config.track_oscillation else None
+    return optimizer, schedule, cga, tracker
+
+
+def _resume(model: torch.nn.Module, optimizer: Any, tracker: Any) -> tuple[int, list[dict[str, float]]]:
+    """(first epoch to train, history so far): from Ray Train's latest checkpoint after a restart."""
+    import ray.train
+
+    resume = ray.train.get_checkpoint()
+    if resume is None:
+        return 0, []
+    state = read_checkpoint(resume.path)
+    load_model_state(model, state["model_state"], resume.path)
+    optimizer.load_state_dict(state["optimizer_state"])
+    if tracker is not None and state.get("tracker_state"):
+        tracker.load_state_dict(state["tracker_state"])
+    torch.set_rng_state(state["rng_state"])
+    return int(state["epoch"]), list(state["history"])
+
+
+def _report(
+    metrics: dict[str, float],
+    rank: int,
+    loop_config: dict[str, Any],
+    config: RunConfig,
+    info: DatasetInfo,
+    epoch: int,
+    model: torch.nn.Module,
+    optimizer: Any,
+    tracker: Any,
+    history: list[dict[str, float]],
+) -> None:
+    """Reports the epoch to Ray Train with rank 0's checkpoint (everything a restart resumes from)."""
+    import ray.train
+
+    with tempfile.TemporaryDirectory() as tmp:
+        checkpoint = None
+        if rank == 0:
+            save_checkpoint(
+                tmp,
+                {
+                    "stage": config.stage,
+                    "config": config.to_dict(),
+                    "data_info": info.__dict__,
+                    "epoch": epoch + 1,
+                    "model_state": unwrap(model).state_dict(),
+                    "optimizer_state": optimizer.state_dict(),
+                    "tracker_state": tracker.state_dict() if tracker is not None else {},
+                    "history": history,
+                    "rng_state": torch.get_rng_state(),
+                    "teacher_source": loop_config.get("teacher_source"),
+                    "mlflow_run_id": loop_config["run_id"],
+                },
+            )
+            checkpoint = ray.train.Checkpoint.from_directory(tmp)
+        ray.train.report(metrics, checkpoint=checkpoint)
 
 
 def _init_batch(config: RunConfig, train_set: Any, info: DatasetInfo, local_loader: Any) -> torch.Tensor:

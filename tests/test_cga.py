@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from contextlib import nullcontext
 
 import pytest
 import torch
@@ -11,6 +12,7 @@ from torch import nn
 
 from ofq_ray.quant import QuantAttention, QuantConfig, StatsQuantizer, init_activation_scales, quantize_model
 from ofq_ray.quant.cga import CGA, cga_mask
+from ofq_ray.quant.lean import unfused
 from ofq_ray.quant.quantizers import statsq_prequant, statsq_scale
 
 
@@ -218,9 +220,11 @@ def test_cga_masks_the_merged_product_gradient_before_the_product_rule() -> None
     attn = _attn(model, 1)
     captured = _merged_input_capture(attn)
 
-    # Plain StatsQ: dL/dM passes straight through; keep it and the merged product it belongs to.
+    # Plain StatsQ: dL/dM passes straight through; keep it and the merged product it belongs to (the
+    # module-by-module path, where the merged quantizer is a module call that a hook can see).
     model.zero_grad()
-    _loss(model, images, targets).backward()
+    with unfused():
+        _loss(model, images, targets).backward()
     merged = captured[-1].detach()
     grad_merged = captured[-1].grad
     assert grad_merged is not None
@@ -229,22 +233,25 @@ def test_cga_masks_the_merged_product_gradient_before_the_product_rule() -> None
 
     cga = CGA(model, boundary_range, include_merged=True)
     assert _merged_quantizer(attn).boundary_range == boundary_range
-    model.zero_grad()
-    _loss(model, images, targets).backward()
-    got_q, got_k = attn.q_weight.grad, attn.k_weight.grad
-    assert got_q is not None and got_k is not None
     # Reference: mask dL/dM by hand (the quantizer's backward must give exactly that) and push it through
     # M = W_q^T W_k.
     mask = cga_mask(merged, 2, boundary_range)
-    masked_grad = captured[-1].grad
-    assert masked_grad is not None and torch.equal(masked_grad, grad_merged * mask)
     assert 0.0 < mask.float().mean().item() < 0.5
     expected_q, expected_k = torch.autograd.grad(
         attn.merged_weight(), (attn.q_weight, attn.k_weight), grad_outputs=grad_merged * mask
     )
-    assert torch.allclose(got_q, expected_q, rtol=1e-5, atol=1e-8)
-    assert torch.allclose(got_k, expected_k, rtol=1e-5, atol=1e-8)
-    assert not torch.allclose(got_q, plain_q)
+    for path in (unfused, nullcontext):  # module by module, then the fused QKR function
+        model.zero_grad()
+        with path():
+            _loss(model, images, targets).backward()
+        got_q, got_k = attn.q_weight.grad, attn.k_weight.grad
+        assert got_q is not None and got_k is not None
+        if path is unfused:
+            masked_grad = captured[-1].grad
+            assert masked_grad is not None and torch.equal(masked_grad, grad_merged * mask)
+        assert torch.allclose(got_q, expected_q, rtol=1e-5, atol=1e-8)
+        assert torch.allclose(got_k, expected_k, rtol=1e-5, atol=1e-8)
+        assert not torch.allclose(got_q, plain_q)
 
     cga.close()
     assert _merged_quantizer(attn).boundary_range is None

@@ -12,13 +12,16 @@ probabilities.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from timm.layers.attention import maybe_add_mask, resolve_self_attn_mask
 from torch import nn
 
 from .layers import QLinear, WeightSource, make_weight_quantizer
-from .quantizers import LsqQuantizer
+from .lean import QkrLogits, fused, merged_product
+from .quantizers import LsqQuantizer, StatsQuantizer
 
 
 def _token_quantizer(bits: int | None, features: int) -> LsqQuantizer | None:
@@ -34,6 +37,30 @@ def _head_quantizer(bits: int | None, heads: int, head_dim: int) -> LsqQuantizer
     return LsqQuantizer(bits, signed=True, granularity="query", shift_shape=(heads, 1, head_dim))
 
 
+@dataclass(frozen=True)
+class AttentionBits:
+    """The widths inside one attention block (None keeps that tensor in float).
+
+    Attributes:
+        qkv_weight: W_q, W_k and W_v, or with QKR the merged product ``W_q^T W_k`` and W_v.
+        qkv_act: the block input x (the operand of the qkv projection, or of QKR's product).
+        proj_weight: the output projection's weight.
+        proj_act: the output projection's input.
+        matmul_act: the operands of the attention matmuls: q and k (or QKR's ``M_h x``), v and the
+            softmax probabilities.
+    """
+
+    qkv_weight: int | None
+    qkv_act: int | None
+    proj_weight: int | None
+    proj_act: int | None
+    matmul_act: int | None
+
+    @classmethod
+    def uniform(cls, weight_bits: int | None, act_bits: int | None) -> AttentionBits:
+        return cls(weight_bits, act_bits, weight_bits, act_bits, act_bits)
+
+
 class QuantAttention(nn.Module):
     """Multi-head self-attention with OFQ quantization, built from a timm attention's layers.
 
@@ -44,6 +71,8 @@ class QuantAttention(nn.Module):
         qkv: the fused [3A, C] projection to split (its parameters are reused or copied).
         proj: the output projection (reused).
         weight_bits / act_bits: widths, or None to keep that side in float.
+        bits: per-tensor widths (:class:`AttentionBits`); when given, ``weight_bits``/``act_bits``
+            are not read.
         weight_quantizer: ``"statsq"`` or ``"lsq"`` (LSQ only without QKR, as the paper's baseline).
         qkr: merge W_q and W_k per head (OFQ) instead of quantizing q and k separately.
         keep_query_bias: with QKR, keep the part of the query bias that depends on the key token
@@ -62,8 +91,9 @@ class QuantAttention(nn.Module):
         head_dim: int,
         qkv: nn.Linear,
         proj: nn.Linear,
-        weight_bits: int | None,
-        act_bits: int | None,
+        weight_bits: int | None = None,
+        act_bits: int | None = None,
+        bits: AttentionBits | None = None,
         weight_quantizer: str = "statsq",
         qkr: bool = True,
         keep_query_bias: bool = True,
@@ -78,10 +108,14 @@ class QuantAttention(nn.Module):
         self.scale = head_dim**-0.5
         self.qkr = qkr
 
-        def weight_q(weight: torch.Tensor) -> nn.Module | None:
-            return None if weight_bits is None else make_weight_quantizer(weight_quantizer, weight_bits, weight)
+        bits = bits or AttentionBits.uniform(weight_bits, act_bits)
+        self.bits = bits
+        act_bits = bits.matmul_act  # the widths of the matmul operands below
 
-        self.input_quantizer = _token_quantizer(act_bits, dim)
+        def weight_q(weight: torch.Tensor, width: int | None = bits.qkv_weight) -> nn.Module | None:
+            return None if width is None else make_weight_quantizer(weight_quantizer, width, weight)
+
+        self.input_quantizer = _token_quantizer(bits.qkv_act, dim)
         if qkr:
             with torch.no_grad():
                 weight, bias = qkv.weight.detach(), qkv.bias
@@ -114,7 +148,7 @@ class QuantAttention(nn.Module):
         )
         self.softmax_quantizer = None if act_bits is None else LsqQuantizer(act_bits, signed=False, granularity="query")
         self.attn_drop = nn.Dropout(attn_drop)
-        self.proj = QLinear(proj, weight_q(proj.weight), _token_quantizer(act_bits, attn_dim))
+        self.proj = QLinear(proj, weight_q(proj.weight, bits.proj_weight), _token_quantizer(bits.proj_act, attn_dim))
         self.proj_drop = nn.Dropout(proj_drop)
 
     # --- QKR pieces -------------------------------------------------------------------------------
@@ -123,11 +157,7 @@ class QuantAttention(nn.Module):
 
         Always computed in float32 (also under autocast): its rounding thresholds decide the codes.
         """
-        heads, d = self.num_heads, self.head_dim
-        q = self.q_weight.view(heads, d, self.dim).float()
-        k = self.k_weight.view(heads, d, self.dim).float()
-        with torch.autocast(q.device.type, enabled=False):
-            return torch.matmul(q.transpose(1, 2), k).reshape(heads * self.dim, self.dim)
+        return merged_product(self.q_weight, self.k_weight, self.num_heads)
 
     def key_bias(self) -> torch.Tensor | None:
         """``u_h = W_k^h^T b_q^h`` ([H, C]); the logit term ``u_h . x_m`` depends on the key only."""
@@ -142,6 +172,36 @@ class QuantAttention(nn.Module):
     def _qkr_logits(self, x: torch.Tensor) -> torch.Tensor:
         batch, tokens, dim = x.shape
         heads = self.num_heads
+        merged_q, qkx_q = self.merged_quantizer, self.qkx_quantizer
+        if fused() and isinstance(merged_q, StatsQuantizer) and qkx_q is not None and qkx_q.initialized:
+            # Fused (saves less for backward); the same numbers as the module-by-module path below.
+            grad = torch.is_grad_enabled() and (self.q_weight.requires_grad or self.k_weight.requires_grad)
+            masked = merged_q.boundary_range is not None and merged_q.training and grad
+            merged_logits: torch.Tensor = QkrLogits.apply(
+                x,
+                self.q_weight,
+                self.k_weight,
+                qkx_q.step,
+                qkx_q.shift_before,
+                qkx_q.shift_after,
+                heads,
+                merged_q.levels_half,
+                merged_q.boundary_range if masked else None,
+                qkx_q.qn,
+                qkx_q.qp,
+                qkx_q.grad_scale_for(batch * tokens * heads * dim),
+            )
+            logits = merged_logits.view(batch, tokens, tokens, heads).permute(0, 3, 1, 2)
+        else:
+            logits = self._qkr_logits_unfused(x)
+        key_bias = self.key_bias()
+        if key_bias is not None:
+            logits = logits + F.linear(x, key_bias.to(x.dtype)).transpose(1, 2).unsqueeze(2)
+        return logits
+
+    def _qkr_logits_unfused(self, x: torch.Tensor) -> torch.Tensor:
+        batch, tokens, dim = x.shape
+        heads = self.num_heads
         merged = self.merged_weight()
         if self.merged_quantizer is not None:
             merged = self.merged_quantizer(merged)
@@ -151,11 +211,7 @@ class QuantAttention(nn.Module):
             qkx = self.qkx_quantizer(qkx)
         # logits[b, n, (m, h)] = x_n . qkx[b, m, h], then to [B, H, N, M]
         logits = torch.matmul(x, qkx.reshape(batch, tokens * heads, dim).transpose(1, 2))
-        logits = logits.view(batch, tokens, tokens, heads).permute(0, 3, 1, 2)
-        key_bias = self.key_bias()
-        if key_bias is not None:
-            logits = logits + F.linear(x, key_bias.to(x.dtype)).transpose(1, 2).unsqueeze(2)
-        return logits
+        return logits.view(batch, tokens, tokens, heads).permute(0, 3, 1, 2)
 
     # --- shared ------------------------------------------------------------------------------------
     def _logits_and_values(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -14,6 +14,7 @@ from types import TracebackType
 import torch
 from torch import nn
 
+from ..errors import ConfigError
 from .layers import WeightSource, iter_quantized_weights
 from .quantizers import StatsQuantizer, check_bits, low_confidence, statsq_prequant, statsq_scale
 
@@ -22,7 +23,7 @@ def check_boundary_range(value: float, field: str = "cga.boundary_range") -> flo
     """Returns ``value`` as a float if it lies in ``[0, 0.5)``, else raises a one-line ValueError."""
     valid = not isinstance(value, bool) and isinstance(value, (int, float)) and 0.0 <= value < 0.5
     if not valid:
-        raise ValueError(f"{field}: {value!r} is not allowed; allowed: a number in [0, 0.5)")
+        raise ConfigError(f"{field}: {value!r} is not allowed; allowed: a number in [0, 0.5)")
     return float(value)
 
 
@@ -118,7 +119,7 @@ class CGA:
             elif include_merged:
                 self._merged.append((name, source, quantizer))
         if not found:
-            raise ValueError("cga: the model has no StatsQ weights; CGA needs quant.weight_quantizer=statsq")
+            raise ConfigError("cga: the model has no StatsQ weights; CGA needs quant.weight_quantizer=statsq")
         self._attached = True
         self._set_merged(self._boundary_range)
 

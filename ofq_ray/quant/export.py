@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..errors import CheckpointError
 from .attention import QuantAttention
 from .layers import ROLES, WeightSource, iter_quantized_weights
 from .quantizers import LsqQuantizer, StatsQuantizer
@@ -40,13 +41,15 @@ def unpack_codes(packed: torch.Tensor, bits: int, shape: tuple[int, ...]) -> tor
 
 
 class FrozenWeight(nn.Module):
-    """Stands in for a weight quantizer after export: returns the stored dequantized weight."""
+    """Stands in for a weight quantizer after export: returns the stored dequantized weight (``bits``:
+    the width of the codes it came from)."""
 
     weight: torch.Tensor
 
-    def __init__(self, weight: torch.Tensor) -> None:
+    def __init__(self, weight: torch.Tensor, bits: int | None = None) -> None:
         super().__init__()
         self.register_buffer("weight", weight)
+        self.bits = bits
 
     def forward(self, latent: torch.Tensor) -> torch.Tensor:
         return self.weight.to(latent.dtype)
@@ -149,6 +152,36 @@ def size_report(
     }
 
 
+def size_table(report: dict[str, Any]) -> str:
+    """The :func:`size_report` as a plain-text table: one row per quantized tensor (its width, values,
+    code and scale bytes), then the float rest and the total."""
+    rows = [("tensor", "bits", "values", "codes B", "scales B", "total B")]
+    for name, entry in report["layers"].items():
+        rows.append(
+            (
+                name,
+                str(entry["bits"]),
+                f"{entry['numel']:,}",
+                f"{entry['code_bytes']:,}",
+                f"{entry['scale_bytes']:,}",
+                f"{entry['code_bytes'] + entry['scale_bytes']:,}",
+            )
+        )
+    rows.append(("float state (32 bit)", "32", "", "", "", f"{report['float_bytes']:,}"))
+    rows.append(
+        ("total", "", "", f"{report['code_bytes']:,}", f"{report['scale_bytes']:,}", f"{report['total_bytes']:,}")
+    )
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    lines = [
+        "  ".join(
+            cell.ljust(width) if i == 0 else cell.rjust(width)
+            for i, (cell, width) in enumerate(zip(row, widths, strict=True))
+        )
+        for row in rows
+    ]
+    return "\n".join(line.rstrip() for line in lines)
+
+
 def quantized_size_bytes(model: nn.Module) -> int:
     """Deployable size in bytes (packed codes + scales + remaining float32 state), without packing."""
     sources = _quantized_sources(model)
@@ -176,7 +209,7 @@ def quantized_size_bytes(model: nn.Module) -> int:
 
 def _check_export(export: dict[str, Any]) -> None:
     if export.get("format") != EXPORT_FORMAT or export.get("version") != EXPORT_VERSION:
-        raise ValueError(
+        raise CheckpointError(
             f"export: format {export.get('format')!r} version {export.get('version')!r} is not supported; "
             f"allowed: {EXPORT_FORMAT!r} version {EXPORT_VERSION}"
         )
@@ -193,13 +226,13 @@ def load_exported(model: nn.Module, export: dict[str, Any]) -> nn.Module:
     sources = dict(_quantized_sources(model))
     if set(sources) != set(export["layers"]):
         missing = sorted(set(export["layers"]) ^ set(sources))[:3]
-        raise ValueError(f"export: layers do not match this model (first differences: {', '.join(missing)})")
+        raise CheckpointError(f"export: layers do not match this model (first differences: {', '.join(missing)})")
     dropped = _latent_state_keys(model, list(sources.items()))
     result = model.load_state_dict(export["float_state"], strict=False)
     unexpected = list(result.unexpected_keys)
     missing_keys = [k for k in result.missing_keys if k not in dropped]
     if unexpected or missing_keys:
-        raise ValueError(f"export: float state does not match this model: {(unexpected + missing_keys)[:3]}")
+        raise CheckpointError(f"export: float state does not match this model: {(unexpected + missing_keys)[:3]}")
     owners = {id(m): n for n, m in model.named_modules()}
     for name, source in sources.items():
         layer = export["layers"][name]
@@ -208,7 +241,7 @@ def load_exported(model: nn.Module, export: dict[str, Any]) -> nn.Module:
         device = source.latent().device
         quantizer_name = owners[id(source.quantizer)]
         parent_name, _, attr = quantizer_name.rpartition(".")
-        setattr(model.get_submodule(parent_name), attr, FrozenWeight(weight.to(device)))
+        setattr(model.get_submodule(parent_name), attr, FrozenWeight(weight.to(device), layer["bits"]))
     for name, bias in export["key_bias"].items():
         attention = model.get_submodule(name)
         attention.key_bias_override = bias.to(next(attention.parameters()).device)

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .lean import LsqLinear, PatchConv, fused, is_patchify
 from .quantizers import LsqQuantizer, StatsQuantizer, lsq_weight_quantizer
 
 WeightQuantizer = StatsQuantizer | LsqQuantizer
@@ -72,19 +73,42 @@ class QLinear(nn.Module):
     def quantized_weight(self) -> torch.Tensor:
         return self.weight if self.weight_quantizer is None else self.weight_quantizer(self.weight)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.input_quantizer is not None:
-            x = self.input_quantizer(x) if self.input_grid is None else self._quantize_on_grid(x)
+    def forward(self, x: torch.Tensor, gelu: str | None = None) -> torch.Tensor:
+        """``linear(Q_in(x))``, or ``linear(Q_in(gelu(x)))`` with ``gelu`` = GELU's ``approximate``.
+
+        With an initialized input quantizer, one fused autograd function (:class:`LsqLinear`) does
+        the GELU, the quantization and the GEMM, and keeps only ``x`` for backward.
+        """
+        quantizer = self.input_quantizer
+        if quantizer is not None and quantizer.initialized and fused():
+            grid_input = x if self.input_grid is None else self._on_grid(x)
+            out: torch.Tensor = LsqLinear.apply(
+                grid_input,
+                quantizer.step,
+                quantizer.shift_before,
+                quantizer.shift_after,
+                self.quantized_weight(),
+                self.bias,
+                quantizer.qn,
+                quantizer.qp,
+                quantizer.grad_scale(grid_input),
+                gelu,
+            )
+            return out if self.input_grid is None else out.view(*x.shape[:-1], self.out_features)
+        if gelu is not None:
+            x = F.gelu(x, approximate=gelu)
+        if quantizer is not None:
+            x = quantizer(x) if self.input_grid is None else quantizer(self._on_grid(x)).view(x.shape)
         return F.linear(x, self.quantized_weight(), self.bias)
 
-    def _quantize_on_grid(self, x: torch.Tensor) -> torch.Tensor:
-        assert self.input_quantizer is not None and self.input_grid is not None
+    def _on_grid(self, x: torch.Tensor) -> torch.Tensor:
+        """``[B, H*W, C]`` seen as the NHWC map ``[B, H, W, C]`` of ``input_grid``."""
+        assert self.input_grid is not None
         height, width = self.input_grid
         if x.dim() != 3 or x.shape[1] != height * width:
             raise ValueError(f"model: input of shape {tuple(x.shape)} does not fit the {height}x{width} grid")
-        batch, tokens, channels = x.shape
-        quantized: torch.Tensor = self.input_quantizer(x.view(batch, height, width, channels))
-        return quantized.view(batch, tokens, channels)
+        batch, _, channels = x.shape
+        return x.view(batch, height, width, channels)
 
     def quantized_weight_sources(self) -> list[WeightSource]:
         if self.weight_quantizer is None:
@@ -99,10 +123,13 @@ class QConv2d(nn.Module):
     """Patch-embedding convolution with LSQ weights (per output channel) and an LSQ image input.
 
     The image quantizer has one step per input channel and a learnable per-pixel shift, shared over
-    channels, before and after quantization (the reference's first layer).
+    channels, before and after quantization (the reference's first layer). ``weight_bits`` or
+    ``act_bits`` None keeps that side in float.
     """
 
-    def __init__(self, conv: nn.Conv2d, bits: int, img_size: tuple[int, int]) -> None:
+    def __init__(
+        self, conv: nn.Conv2d, weight_bits: int | None, act_bits: int | None, img_size: tuple[int, int]
+    ) -> None:
         super().__init__()
         self.stride = conv.stride
         self.padding = conv.padding
@@ -110,22 +137,42 @@ class QConv2d(nn.Module):
         self.groups = conv.groups
         self.weight = conv.weight
         self.bias = conv.bias
-        self.weight_quantizer = lsq_weight_quantizer(conv.weight.detach(), bits)
-        self.input_quantizer = LsqQuantizer(bits, signed=True, granularity="in_channel", shift_shape=img_size)
+        self.weight_quantizer: nn.Module | None = (
+            None if weight_bits is None else lsq_weight_quantizer(conv.weight.detach(), weight_bits)
+        )
+        self.input_quantizer = (
+            None
+            if act_bits is None
+            else LsqQuantizer(act_bits, signed=True, granularity="in_channel", shift_shape=img_size)
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.input_quantizer(x)
-        weight = self.weight_quantizer(self.weight)
+        if self.input_quantizer is not None:
+            x = self.input_quantizer(x)
+        weight = self.weight if self.weight_quantizer is None else self.weight_quantizer(self.weight)
+        if fused() and is_patchify(tuple(weight.shape[2:]), self.stride, self.padding, self.dilation):
+            out: torch.Tensor = PatchConv.apply(x, weight, self.bias, self.groups)
+            return out
         return F.conv2d(x, weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
 
     def quantized_weight_sources(self) -> list[WeightSource]:
+        if self.weight_quantizer is None:
+            return []
         return [WeightSource("weight", self.weight_quantizer, lambda: self.weight, self.weight, "first_last")]
 
 
-def quantized_head(linear: nn.Linear, bits: int) -> QLinear:
-    """Classifier head: LSQ weights per output row, LSQ input with one step and per-feature shifts."""
-    input_quantizer = LsqQuantizer(bits, signed=True, granularity="tensor", shift_shape=(linear.in_features,))
-    return QLinear(linear, lsq_weight_quantizer(linear.weight.detach(), bits), input_quantizer, "first_last")
+def quantized_head(linear: nn.Linear, weight_bits: int | None, act_bits: int | None) -> QLinear:
+    """Classifier head: LSQ weights per output row, LSQ input with one step and per-feature shifts.
+
+    Either width None keeps that side in float.
+    """
+    input_quantizer = (
+        None
+        if act_bits is None
+        else LsqQuantizer(act_bits, signed=True, granularity="tensor", shift_shape=(linear.in_features,))
+    )
+    weight_quantizer = None if weight_bits is None else lsq_weight_quantizer(linear.weight.detach(), weight_bits)
+    return QLinear(linear, weight_quantizer, input_quantizer, "first_last")
 
 
 def iter_quantized_weights(model: nn.Module, roles: Iterable[str] = ("block",)) -> list[tuple[str, WeightSource]]:

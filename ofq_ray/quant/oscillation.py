@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..errors import ConfigError
 from .layers import WeightSource, iter_quantized_weights
 
 _FIELDS = ("previous_codes", "last_direction", "frequency", "oscillations", "window_flips")
@@ -75,7 +76,7 @@ def _check_fraction(value: float, field: str, allowed: str, low_open: bool) -> f
     ok = not isinstance(value, bool) and isinstance(value, (int, float))
     ok = ok and ((0.0 < value <= 1.0) if low_open else (0.0 <= value < 1.0))
     if not ok:
-        raise ValueError(f"{field}: {value!r} is not allowed; allowed: {allowed}")
+        raise ConfigError(f"{field}: {value!r} is not allowed; allowed: {allowed}")
     return float(value)
 
 

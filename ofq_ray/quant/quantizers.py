@@ -13,6 +13,8 @@ import torch
 from torch import nn
 from torch.nn.parameter import UninitializedParameter
 
+from ..errors import ConfigError
+
 Granularity = Literal["tensor", "token", "query", "column", "channel", "out_channel", "in_channel"]
 GRANULARITIES: tuple[str, ...] = ("tensor", "token", "query", "column", "channel", "out_channel", "in_channel")
 
@@ -24,7 +26,7 @@ _MIN_STEP = 1e-5
 def check_bits(bits: int, field: str = "bits") -> int:
     """Returns ``bits`` if it is an int in 2..8, else raises a one-line ValueError naming ``field``."""
     if isinstance(bits, bool) or not isinstance(bits, int) or not 2 <= bits <= 8:
-        raise ValueError(f"{field}: {bits!r} is not allowed; allowed: an integer from 2 to 8")
+        raise ConfigError(f"{field}: {bits!r} is not allowed; allowed: an integer from 2 to 8")
     return bits
 
 
@@ -53,12 +55,11 @@ class _StatsQuantize(torch.autograd.Function):
         levels_half: int,
         boundary_range: float | None,
     ) -> torch.Tensor:
-        scale = statsq_scale(weight)
-        z = statsq_prequant(weight, scale, levels_half)
+        out, z = statsq_quantize(weight, levels_half)
         if boundary_range is not None:
             ctx.save_for_backward(low_confidence(z, boundary_range))
         ctx.masked = boundary_range is not None  # type: ignore[attr-defined]
-        return scale * ((torch.round(z) + 0.5) / levels_half)
+        return out
 
     @staticmethod
     def backward(  # type: ignore[override]
@@ -79,6 +80,13 @@ def statsq_scale(weight: torch.Tensor) -> torch.Tensor:
 def statsq_prequant(weight: torch.Tensor, scale: torch.Tensor, levels_half: int) -> torch.Tensor:
     """The value StatsQ rounds: ``clamp(W/s, -1, 1-1e-6) * n - 0.5`` (in units of the step s/n)."""
     return (weight.detach() / scale).clamp(-1.0, _STATSQ_UPPER) * levels_half - 0.5
+
+
+def statsq_quantize(weight: torch.Tensor, levels_half: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(fake-quantized weight, pre-round value z)``: StatsQ's forward, without autograd."""
+    scale = statsq_scale(weight)
+    z = statsq_prequant(weight, scale, levels_half)
+    return scale * ((torch.round(z) + 0.5) / levels_half), z
 
 
 class StatsQuantizer(nn.Module):
@@ -128,6 +136,75 @@ class StatsQuantizer(nn.Module):
         return f"bits={self.bits}"
 
 
+def lsq_prequant(x: torch.Tensor, step: torch.Tensor, before: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(s, v)``: the floored step and ``v = (x + before) / s``, both in float32.
+
+    Rounding decisions in bf16/fp16 would move codes, so LSQ always quantizes in float32.
+    """
+    s = step.clamp_min(_MIN_STEP).float()
+    v = x.float() / s if before is None else torch.addcdiv(before.float() / s, x.float(), s)
+    return s, v
+
+
+def lsq_out_dtype(x: torch.Tensor, before: torch.Tensor | None, after: torch.Tensor | None) -> torch.dtype:
+    """The dtype that unfused ``Q(x + before) + after`` would have."""
+    out_dtype = x.dtype
+    for shift in (before, after):
+        out_dtype = out_dtype if shift is None else torch.promote_types(out_dtype, shift.dtype)
+    return out_dtype
+
+
+def lsq_output(
+    rounded: torch.Tensor, s: torch.Tensor, after: torch.Tensor | None, out_dtype: torch.dtype
+) -> torch.Tensor:
+    """``s * rounded + after`` in ``out_dtype`` (``rounded`` is left untouched)."""
+    out = rounded * s if after is None else torch.addcmul(after.float(), rounded, s)
+    return out.to(out_dtype)
+
+
+def lsq_recompute(
+    x: torch.Tensor, step: torch.Tensor, before: torch.Tensor | None, qn: int, qp: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """What LSQ's backward needs, recomputed from its input exactly as forward computed it.
+
+    Returns ``(s, v, rounded, inside)``: the step, the pre-round value, ``round(clamp(v, qn, qp))``
+    and the clip mask (float32 on CPUs, where arithmetic with bool tensors is ~20x slower).
+    """
+    s, v = lsq_prequant(x, step, before)
+    clipped = v.clamp(qn, qp)
+    inside = (clipped == v) if v.is_cuda else torch.eq(clipped, v, out=torch.empty_like(v))
+    return s, v, clipped.round_(), inside
+
+
+def lsq_grads(
+    grad: torch.Tensor,
+    x: torch.Tensor,
+    step: torch.Tensor,
+    before: torch.Tensor | None,
+    after: tuple[torch.Size, torch.dtype] | None,
+    v: torch.Tensor,
+    rounded: torch.Tensor,
+    inside: torch.Tensor,
+    grad_scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """LSQ's gradients ``(x, step, before, after)`` from :func:`lsq_recompute`'s pieces.
+
+    ``rounded`` is consumed (overwritten). ``after`` is the (shape, dtype) of the after-shift, or None.
+    """
+    # d(out)/ds per element: round(v) - v inside the range, the clip bound (= round(clipped)) outside.
+    dstep = rounded.addcmul_(v, inside, value=-1.0)
+    grad_float = grad.float()
+    grad_v = grad_float * inside
+    grad_x = grad_v.to(x.dtype)
+    grad_before = None if before is None else grad_v.sum_to_size(before.shape).to(before.dtype)
+    grad_after = None if after is None else grad.sum_to_size(after[0]).to(after[1])
+    reduce_dims = [d for d, size in enumerate(step.shape) if size == 1 and grad.shape[d] != 1]
+    grad_step = dstep.mul_(grad_float)
+    grad_step = grad_step.sum(dim=reduce_dims, keepdim=True) if reduce_dims else grad_step
+    grad_step = (grad_step * grad_scale).to(step.dtype)
+    return grad_x, grad_step.reshape(step.shape), grad_before, grad_after
+
+
 class _LsqQuantize(torch.autograd.Function):
     """LSQ with its shifts: ``s * round(clamp((x + before)/s, qn, qp)) + after``, straight-through.
 
@@ -144,15 +221,6 @@ class _LsqQuantize(torch.autograd.Function):
     """
 
     @staticmethod
-    def _prequant(
-        x: torch.Tensor, step: torch.Tensor, before: torch.Tensor | None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        # Rounding decisions in bf16/fp16 would move codes; quantize in float32 and cast back.
-        s = step.clamp_min(_MIN_STEP).float()
-        v = x.float() / s if before is None else torch.addcdiv(before.float() / s, x.float(), s)
-        return s, v
-
-    @staticmethod
     def forward(  # type: ignore[override]
         ctx: torch.autograd.function.FunctionCtx,
         x: torch.Tensor,
@@ -163,18 +231,14 @@ class _LsqQuantize(torch.autograd.Function):
         qp: int,
         grad_scale: float,
     ) -> torch.Tensor:
-        s, v = _LsqQuantize._prequant(x, step, before)
+        s, v = lsq_prequant(x, step, before)
         rounded = v.clamp_(qn, qp).round_()
         out = rounded.mul_(s) if after is None else torch.addcmul(after.float(), rounded, s)
-        # The output's dtype is what ``x + before`` and ``+ after`` would give unfused.
-        out_dtype = x.dtype
-        for shift in (before, after):
-            out_dtype = out_dtype if shift is None else torch.promote_types(out_dtype, shift.dtype)
         ctx.save_for_backward(x, step, before)  # type: ignore[arg-type]
         ctx.bounds = (qn, qp)  # type: ignore[attr-defined]
         ctx.grad_scale = grad_scale  # type: ignore[attr-defined]
         ctx.after = None if after is None else (after.shape, after.dtype)  # type: ignore[attr-defined]
-        return out.to(out_dtype)
+        return out.to(lsq_out_dtype(x, before, after))
 
     @staticmethod
     def backward(  # type: ignore[override]
@@ -182,23 +246,9 @@ class _LsqQuantize(torch.autograd.Function):
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None, None, None, None]:
         x, step, before = ctx.saved_tensors  # type: ignore[attr-defined]
         qn, qp = ctx.bounds  # type: ignore[attr-defined]
-        _, v = _LsqQuantize._prequant(x, step, before)
-        clipped = v.clamp(qn, qp)
-        # The mask as float on CPUs, where arithmetic with bool tensors is ~20x slower than with floats.
-        inside = (clipped == v) if v.is_cuda else torch.eq(clipped, v, out=torch.empty_like(v))
-        # d(out)/ds per element: round(v) - v inside the range, the clip bound (= round(clipped)) outside.
-        dstep = torch.addcmul(clipped.round_(), v, inside, value=-1.0)
-        grad_float = grad.float()
-        grad_v = grad_float * inside
-        grad_x = grad_v.to(x.dtype)
-        grad_before = None if before is None else grad_v.sum_to_size(before.shape).to(before.dtype)
-        after = ctx.after  # type: ignore[attr-defined]
-        grad_after = None if after is None else grad.sum_to_size(after[0]).to(after[1])
-        reduce_dims = [d for d, size in enumerate(step.shape) if size == 1 and grad.shape[d] != 1]
-        grad_step = dstep.mul_(grad_float)
-        grad_step = grad_step.sum(dim=reduce_dims, keepdim=True) if reduce_dims else grad_step
-        grad_step = (grad_step * ctx.grad_scale).to(step.dtype)  # type: ignore[attr-defined]
-        return grad_x, grad_step.reshape(step.shape), grad_before, grad_after, None, None, None
+        _, v, rounded, inside = lsq_recompute(x, step, before, qn, qp)
+        grads = lsq_grads(grad, x, step, before, ctx.after, v, rounded, inside, ctx.grad_scale)  # type: ignore[attr-defined]
+        return *grads, None, None, None
 
 
 def _scale_dims(granularity: str, ndim: int) -> tuple[int, ...]:
@@ -301,7 +351,11 @@ class LsqQuantizer(nn.Module):
             self.step.data.copy_(value)
 
     def grad_scale(self, x: torch.Tensor) -> float:
-        return 1.0 / math.sqrt(self.qp * (x.numel() // self.step.numel()) * self.replicas)
+        return self.grad_scale_for(x.numel())
+
+    def grad_scale_for(self, numel: int) -> float:
+        """The step's gradient scale for an input of ``numel`` elements."""
+        return 1.0 / math.sqrt(self.qp * (numel // self.step.numel()) * self.replicas)
 
     def quantize(self, x: torch.Tensor) -> torch.Tensor:
         """LSQ alone (no shifts); the step must be initialized."""
