@@ -440,8 +440,10 @@ def _coerce(value: Any, hint: Any, meta: dict[str, Any], key: str) -> Any:
 
 def _build(cls: type, data: Any, prefix: str) -> Any:
     if cls is QuantConfig:
+        if data is not None and not isinstance(data, dict):
+            raise ConfigError(f"{prefix.rstrip('.')}: {data!r} is not allowed; allowed: a mapping")
         try:
-            return QuantConfig.from_dict(data if isinstance(data, dict) else {})
+            return QuantConfig.from_dict(data or {})
         except ValueError as error:
             raise ConfigError(str(error)) from None
     if not isinstance(data, dict):

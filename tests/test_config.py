@@ -63,6 +63,8 @@ def test_overrides_are_typed_from_yaml_and_validated() -> None:
         ),
         (["rank.metric=osc/mean_freq"], r"^rank\.metric: 'osc/mean_freq' is not reported by a pretrain run"),
         (["rank.mode=lowest"], r"^rank\.mode: 'lowest' is not allowed; allowed: max, min"),
+        (["quant=5"], r"^quant: 5 is not allowed; allowed: a mapping$"),
+        (["optim=5"], r"^optim: 5 is not allowed; allowed: a mapping$"),
     ],
 )
 def test_config_errors_are_one_line_and_name_the_key(overrides: list[str], message: str) -> None:
