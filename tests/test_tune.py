@@ -305,14 +305,18 @@ def test_ray_job_submit_runs_a_sweep_on_the_cluster(cluster: dict[str, str], tmp
         "RAY_AUTH_MODE": "disabled",
         "RAY_ADDRESS": cluster["dashboard"],
         "OFQ_RUNS_DIR": str(tmp_path),
+        # the store set in the submitting shell is the one the job logs to (not one of its own)
+        "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'shared' / 'mlflow.db'}",
     }
+    (tmp_path / "shared").mkdir()
     done = subprocess.run(
         [str(REPO / "jobs" / "submit.sh"), str(spec)], env=env, capture_output=True, text=True, timeout=600, cwd=REPO
     )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "succeeded" in done.stdout.lower()
-    alias = resolve_alias(default_tracking_uri(str(tmp_path)), "job")
+    alias = resolve_alias(env["MLFLOW_TRACKING_URI"], "job")
     assert alias["version"] == 1
+    assert not (tmp_path / "mlflow.db").exists()  # nothing went to the runs folder's default store
 
 
 @pytest.mark.parametrize(
