@@ -86,7 +86,11 @@ def run_sweep(sweep: Sweep, *, resume: bool = False, address: str | None = None,
             sweep.experiment,
             runs_dir,
             run_name=f"sweep-{sweep.name}",
-            params={**flatten({"search": sweep.search}), **flatten({"tune": dataclasses.asdict(sweep.tune)})},
+            params={
+                **flatten({"search": sweep.search}),
+                **{f"search.{key}.match": glob for key, glob in sweep.layer_groups.items()},
+                **flatten({"tune": dataclasses.asdict(sweep.tune)}),
+            },
             tags={
                 "ofq.sweep": sweep.name,
                 "ofq.kind": "sweep",

@@ -25,6 +25,8 @@ from ..config import (
     reported_metrics,
 )
 from ..hints import did_you_mean
+from .groups import KEY as GROUP_KEY
+from .groups import layer_groups as layer_groups_of
 from .stages import _PLACEHOLDER, SHARED_KEYS, _base_config, plan_stages, stage_config, trial_config
 
 SEARCHERS = ("tpe", "nsga2", "random", "grid")
@@ -79,6 +81,8 @@ class Sweep:
     mlflow: MlflowSettings
     stages: dict[str, dict[str, Any]]
     spec_text: str = ""
+    # Searched layer groups (search.quant.layers, see .groups): search key quant.layers.<group> -> glob.
+    layer_groups: dict[str, str] = field(default_factory=dict)
 
     @property
     def experiment(self) -> str:
@@ -178,12 +182,28 @@ def sweep_from_dict(raw: dict[str, Any], text: str = "") -> Sweep:
     search = raw.get("search") or {}
     if not isinstance(search, dict) or not search:
         raise ConfigError("search: allowed: a mapping of dotted config keys to distributions")
-    search = {str(k): _check_distribution(str(k), v) for k, v in search.items()}
+    layer_groups: dict[str, str] = {}
+    checked: dict[str, dict[str, Any]] = {}
+    for key, value in search.items():
+        if str(key) == GROUP_KEY:
+            group_search, layer_groups = layer_groups_of(value, base_config)
+            checked.update(group_search)
+        else:
+            checked[str(key)] = _check_distribution(str(key), value)
+    search = checked
     if tune_settings.searcher == "grid" and any(next(iter(d)) not in ("choice", "grid") for d in search.values()):
         raise ConfigError("tune.searcher: 'grid' needs every search key as choice/grid; allowed: tpe, nsga2, random")
-    sweep = Sweep(str(name), base, search, tune_settings, mlflow_settings, stages, text)
+    sweep = Sweep(str(name), base, search, tune_settings, mlflow_settings, stages, text, layer_groups)
     _check_metrics(sweep)
+    if layer_groups:  # the groups' rules, checked at their first widths in one run config
+        first = {key: _candidate_values(search[key])[0] for key in layer_groups}
+        try:
+            trial_config(sweep, first)
+        except ConfigError as error:
+            raise ConfigError(f"search.{GROUP_KEY}: {first!r} gives an invalid run: {error}") from None
     for key, dist in search.items():  # every candidate value must make a valid run config
+        if key in layer_groups:
+            continue
         for value in _candidate_values(dist):
             if key.split(".")[0] in ("stage", "init_from", "runs_dir", "tracking", "rank"):
                 raise ConfigError(
