@@ -25,6 +25,7 @@ from ..config import (
     reported_metrics,
 )
 from ..hints import did_you_mean
+from .budget import Budget, check_constraints, check_feasible, class_count
 from .groups import KEY as GROUP_KEY
 from .groups import layer_groups as layer_groups_of
 from .stages import _PLACEHOLDER, SHARED_KEYS, _base_config, plan_stages, stage_config, trial_config
@@ -50,6 +51,11 @@ class TuneSettings:
     # The searcher's Optuna study (an RDB URL, e.g. postgresql://... on a cluster); default: an sqlite
     # file beside the MLflow store. Its study is named after the sweep run and --resume continues it.
     optuna_storage: str | None = None
+    # Budgets on the costs known before training: {model/size_bytes: {max: N}, model/bitops: {max: N, min: M}}.
+    # A configuration over budget is rejected before it trains (see ofq_ray.sweep.budget).
+    constraints: Any = field(default_factory=dict)
+    # The most over-budget configurations the searcher may draw in a row for one trial; then the search ends.
+    max_rejections: int = field(default=100, metadata=_spec(low=1))
 
     @property
     def metrics(self) -> list[str]:
@@ -216,6 +222,9 @@ def sweep_from_dict(raw: dict[str, Any], text: str = "") -> Sweep:
                 raise ConfigError(f"search.{key}: {value!r} gives an invalid run: {error}") from None
     for stage in plan_stages(sweep)[0]:
         stage_config(sweep, stage, {}, init_from=_PLACEHOLDER)
+    classes = class_count(base)
+    if tune_settings.constraints and classes is not None:  # else the runner checks, once it knows the data
+        check_feasible(sweep, Budget(sweep, classes))
     return sweep
 
 
@@ -255,6 +264,7 @@ def _check_tune(settings: TuneSettings) -> None:
             f"tune.optuna_storage: {storage!r} is not allowed; allowed: a database URL such as "
             "sqlite:////abs/optuna.db or postgresql://user@host/db (or null for one beside the MLflow store)"
         )
+    settings.constraints = check_constraints(settings.constraints)
     if settings.searcher == "nsga2" and not settings.multi_objective:
         raise ConfigError("tune.searcher: 'nsga2' needs several metrics; allowed: tpe, random, grid for one metric")
 
