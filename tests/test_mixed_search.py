@@ -206,3 +206,11 @@ def test_the_budget_searcher_pickles_as_tune_stores_it(tmp_path: Path) -> None:
     searcher.suggest("t0")
     copy = cloudpickle.loads(cloudpickle.dumps(searcher))  # as Tune writes tuner.pkl
     assert copy.rejected == searcher.rejected and copy._asked_as == searcher._asked_as and callable(copy.log)
+
+
+def test_set_overrides_reach_inside_the_group_form() -> None:
+    sweep = load_sweep(
+        str(REPO / "search_spaces" / "mixed.yaml"),
+        ["search.quant.layers.choice=['2/2', '4/4']", "search.quant.layers.each=blocks.*"],
+    )
+    assert sweep.search == {f"quant.layers.blocks.{i}": {"choice": ["2/2", "4/4"]} for i in range(3)}

@@ -26,11 +26,13 @@ from ..config import (
 )
 from ..hints import did_you_mean
 from .budget import Budget, check_constraints, check_feasible, class_count
+from .groups import FORMS as GROUP_FORMS
 from .groups import KEY as GROUP_KEY
 from .groups import layer_groups as layer_groups_of
 from .stages import _PLACEHOLDER, SHARED_KEYS, _base_config, plan_stages, stage_config, trial_config
 
 SEARCHERS = ("tpe", "nsga2", "random", "grid")
+GROUP_FORM_KEYS = (*GROUP_FORMS, "choice")
 DISTRIBUTIONS = ("uniform", "loguniform", "int", "choice", "grid")
 
 
@@ -153,7 +155,11 @@ def load_sweep(path: str, overrides: list[str] | tuple[str, ...] = ()) -> Sweep:
             raise ConfigError(f"--set: {item!r} is not allowed; allowed: KEY=VALUE, e.g. tune.num_samples=4")
         parts = key.strip().split(".")
         if parts[0] == "search" and len(parts) > 2:  # search keys are dotted config keys themselves
-            parts = ["search", ".".join(parts[1:])]
+            key_parts = parts[1:]
+            if key_parts[:2] == GROUP_KEY.split(".") and len(key_parts) > 2 and key_parts[2] in GROUP_FORM_KEYS:
+                parts = ["search", GROUP_KEY, *key_parts[2:]]  # inside the layer-group form
+            else:
+                parts = ["search", ".".join(key_parts)]
         try:
             parsed = load_yaml(value) if value.strip() else None
         except yaml.YAMLError:
