@@ -19,11 +19,13 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from ofq_ray.checkpoint import load_model, read_checkpoint
+from ofq_ray.cost import run_cost
 from ofq_ray.data import build_datasets, build_loader
 from ofq_ray.engine import evaluate
 from ofq_ray.sweep import best_trial, load_sweep, run_sweep
 from ofq_ray.sweep.mo_asha import MultiObjectiveASHA
 from ofq_ray.sweep.search import make_scheduler
+from ofq_ray.sweep.stages import trial_config
 from ofq_ray.tracking import default_tracking_uri, download_artifacts, resolve_alias, search_runs
 
 pytestmark = pytest.mark.integration
@@ -196,7 +198,8 @@ def test_shared_stage_is_trained_once_and_reused_by_the_next_sweep(
     uri = default_tracking_uri(str(runs))
     cached = search_runs(uri, "ofq-ray-stages", "tags.`ofq.chain_fingerprint` != ''")
     assert len(cached) == 1 and cached[0]["tags"]["ofq.stage"] == "pretrain"
-    # The second sweep is also the multi-objective one: accuracy vs bytes over bit widths, under MO-ASHA.
+    # The second sweep is also the multi-objective one: accuracy vs bytes over the attention and MLP widths
+    # (searched layer groups), under MO-ASHA, within a size budget that only 4 of their 9 pairs meet.
     spec = _spec(
         runs,
         "smoke-again",
@@ -205,11 +208,39 @@ def test_shared_stage_is_trained_once_and_reused_by_the_next_sweep(
         mode=["max", "min"],
         scheduler={"asha": {"grace_period": 1, "reduction_factor": 2}},
     )
-    spec["search"]["quant.weight_bits"] = {"choice": [2, 8]}
+    widths = ["2/2", "4/4", "8/8"]
+    spec["search"]["quant.layers"] = {"groups": {"attn": "blocks.*.attn", "mlp": "blocks.*.mlp"}, "choice": widths}
+    free = load_sweep(str(_write(runs / "again.yaml", spec)))
+    sizes = {
+        (a, m): run_cost(trial_config(free, {"quant.layers.attn": a, "quant.layers.mlp": m}), num_classes=10)[
+            "model/size_bytes"
+        ]
+        for a in widths
+        for m in widths
+    }
+    budget = sizes["4/4", "4/4"]
+    assert sum(size <= budget for size in sizes.values()) == 4
+    spec["tune"]["constraints"] = {"model/size_bytes": {"max": budget}}
     again = load_sweep(str(_write(runs / "again.yaml", spec)))
     assert isinstance(make_scheduler(again, 3), MultiObjectiveASHA)
-    run_sweep(again, address=cluster["address"])
+    result = run_sweep(again, address=cluster["address"])
     assert len(search_runs(uri, "ofq-ray-stages", "tags.`ofq.chain_fingerprint` != ''")) == 1
+    # Over-budget configurations were rejected before training: no trained trial is over budget, each shows
+    # its group widths as MLflow params, and the rejections are counted (summary, parent tag, Optuna study).
+    parent, children = _children(uri, "smoke-again")
+    for child in children:
+        pair = (child["params"]["search.quant.layers.attn"], child["params"]["search.quant.layers.mlp"])
+        assert child["metrics"]["model/size_bytes"] == sizes[pair] <= budget
+    assert result.rejected >= 1 and parent["tags"]["ofq.rejected_over_budget"] == str(result.rejected)
+    study = optuna.load_study(
+        study_name=parent["tags"]["ofq.optuna_study"], storage=parent["tags"]["ofq.optuna_storage"]
+    )
+    rejected = [t for t in study.trials if "ofq.rejected" in t.user_attrs]
+    assert len(rejected) == result.rejected and all(t.state == optuna.trial.TrialState.PRUNED for t in rejected)
+    assert all(sizes[t.params["quant.layers.attn"], t.params["quant.layers.mlp"]] > budget for t in rejected)
+    summary = Path(download_artifacts(f"runs:/{parent['run_id']}/summary.md", tracking_uri=uri)).read_text()
+    assert f"{result.rejected} configurations over budget rejected before training" in summary
+    assert "| quant.layers.attn | quant.layers.mlp | model/size_bytes |" in summary
     # MO-ASHA never stops the first trial of the smallest size at a rung: no trial recorded before it is
     # smaller, so it is non-dominated and an extreme of its front. It trains every epoch.
     client = MlflowClient(uri)

@@ -12,6 +12,7 @@ from typing import Any
 import yaml
 
 from ..config import ConfigError
+from .budget import Budget, check_feasible
 from .lifecycle import ProgressPrinter, TrialLifecycle, run_trial, trial_dirname
 from .search import make_scheduler, make_searcher, open_optuna_storage, optuna_storage_url
 from .spec import Sweep
@@ -63,7 +64,11 @@ def run_sweep(sweep: Sweep, *, resume: bool = False, address: str | None = None,
     sweep.base["runs_dir"] = runs_dir
     tracking_uri = resolve_tracking_uri(sweep.mlflow.tracking_uri, runs_dir)
     sweep.mlflow.tracking_uri = tracking_uri
-    dataset_info(base)  # a missing dataset fails here, before anything is created
+    info = dataset_info(base)  # a missing dataset fails here, before anything is created
+    budget = None
+    if sweep.tune.constraints:  # costs on the real data's classes and channels; a budget none can meet fails here
+        budget = Budget(sweep, info.num_classes, info.in_chans)
+        check_feasible(sweep, budget)
     state_file = _state_path(runs_dir, sweep.name)
     state: dict[str, Any] = {}
     if resume:
@@ -86,7 +91,11 @@ def run_sweep(sweep: Sweep, *, resume: bool = False, address: str | None = None,
             sweep.experiment,
             runs_dir,
             run_name=f"sweep-{sweep.name}",
-            params={**flatten({"search": sweep.search}), **flatten({"tune": dataclasses.asdict(sweep.tune)})},
+            params={
+                **flatten({"search": sweep.search}),
+                **{f"search.{key}.match": glob for key, glob in sweep.layer_groups.items()},
+                **flatten({"tune": dataclasses.asdict(sweep.tune)}),
+            },
             tags={
                 "ofq.sweep": sweep.name,
                 "ofq.kind": "sweep",
@@ -133,7 +142,7 @@ def run_sweep(sweep: Sweep, *, resume: bool = False, address: str | None = None,
             tuner = tune.Tuner(
                 trainable,
                 tune_config=tune.TuneConfig(
-                    search_alg=make_searcher(sweep, optuna_storage, state["tune_name"]),
+                    search_alg=make_searcher(sweep, optuna_storage, state["tune_name"], budget, log),
                     scheduler=make_scheduler(sweep, max_t),
                     num_samples=sweep.tune.num_samples,
                     max_concurrent_trials=sweep.tune.max_concurrent_trials,

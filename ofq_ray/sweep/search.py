@@ -7,6 +7,7 @@ import os
 from typing import Any
 
 from ..config import ConfigError
+from .budget import Budget, BudgetSearcher, class_count
 from .spec import Sweep
 
 # --- Optuna / Tune plumbing -----------------------------------------------------------------------------
@@ -42,10 +43,16 @@ def open_optuna_storage(url: str) -> Any:
         raise ConfigError(f"tune.optuna_storage: cannot open {url} ({type(error).__name__})") from None
 
 
-def make_searcher(sweep: Sweep, storage: Any = None, study_name: str | None = None) -> Any:
+def make_searcher(
+    sweep: Sweep, storage: Any = None, study_name: str | None = None, budget: Budget | None = None, log: Any = None
+) -> Any:
     """OptunaSearch with the sweep's sampler; with ``storage`` (see :func:`open_optuna_storage`) its study
     is kept in that database under ``study_name`` (so optuna-dashboard can watch it and --resume
-    continues it), else in memory."""
+    continues it), else in memory.
+
+    With ``tune.constraints`` it is wrapped in a :class:`~ofq_ray.sweep.budget.BudgetSearcher` that rejects
+    over-budget suggestions before they train (``budget``: the costs on the sweep's data; default: from
+    the spec's dataset) and gives every Optuna trial its constraint values, which TPE learns from."""
     import optuna
     from ray.tune.search.optuna import OptunaSearch
 
@@ -64,7 +71,7 @@ def make_searcher(sweep: Sweep, storage: Any = None, study_name: str | None = No
         sampler = optuna.samplers.TPESampler(seed=settings.seed, multivariate=True)
     metric: Any = settings.metrics if settings.multi_objective else settings.metrics[0]
     mode: Any = settings.modes if settings.multi_objective else settings.modes[0]
-    return OptunaSearch(
+    searcher = OptunaSearch(
         space=optuna_space(sweep.search),
         metric=metric,
         mode=mode,
@@ -72,6 +79,14 @@ def make_searcher(sweep: Sweep, storage: Any = None, study_name: str | None = No
         storage=storage,
         study_name=study_name,
     )
+    if not settings.constraints:
+        return searcher
+    if budget is None:
+        classes = class_count(sweep.base)
+        if classes is None:
+            raise ConfigError("tune.constraints: the dataset's class count is unknown; allowed: pass a Budget")
+        budget = Budget(sweep, classes)
+    return BudgetSearcher(searcher, budget, settings.max_rejections, log)
 
 
 def make_scheduler(sweep: Sweep, max_t: int) -> Any:

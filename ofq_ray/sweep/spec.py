@@ -25,9 +25,14 @@ from ..config import (
     reported_metrics,
 )
 from ..hints import did_you_mean
+from .budget import Budget, check_constraints, check_feasible, class_count
+from .groups import FORMS as GROUP_FORMS
+from .groups import KEY as GROUP_KEY
+from .groups import layer_groups as layer_groups_of
 from .stages import _PLACEHOLDER, SHARED_KEYS, _base_config, plan_stages, stage_config, trial_config
 
 SEARCHERS = ("tpe", "nsga2", "random", "grid")
+GROUP_FORM_KEYS = (*GROUP_FORMS, "choice")
 DISTRIBUTIONS = ("uniform", "loguniform", "int", "choice", "grid")
 
 
@@ -48,6 +53,11 @@ class TuneSettings:
     # The searcher's Optuna study (an RDB URL, e.g. postgresql://... on a cluster); default: an sqlite
     # file beside the MLflow store. Its study is named after the sweep run and --resume continues it.
     optuna_storage: str | None = None
+    # Budgets on the costs known before training: {model/size_bytes: {max: N}, model/bitops: {max: N, min: M}}.
+    # A configuration over budget is rejected before it trains (see ofq_ray.sweep.budget).
+    constraints: Any = field(default_factory=dict)
+    # The most over-budget configurations the searcher may draw in a row for one trial; then the search ends.
+    max_rejections: int = field(default=100, metadata=_spec(low=1))
 
     @property
     def metrics(self) -> list[str]:
@@ -79,6 +89,8 @@ class Sweep:
     mlflow: MlflowSettings
     stages: dict[str, dict[str, Any]]
     spec_text: str = ""
+    # Searched layer groups (search.quant.layers, see .groups): search key quant.layers.<group> -> glob.
+    layer_groups: dict[str, str] = field(default_factory=dict)
 
     @property
     def experiment(self) -> str:
@@ -143,7 +155,11 @@ def load_sweep(path: str, overrides: list[str] | tuple[str, ...] = ()) -> Sweep:
             raise ConfigError(f"--set: {item!r} is not allowed; allowed: KEY=VALUE, e.g. tune.num_samples=4")
         parts = key.strip().split(".")
         if parts[0] == "search" and len(parts) > 2:  # search keys are dotted config keys themselves
-            parts = ["search", ".".join(parts[1:])]
+            key_parts = parts[1:]
+            if key_parts[:2] == GROUP_KEY.split(".") and len(key_parts) > 2 and key_parts[2] in GROUP_FORM_KEYS:
+                parts = ["search", GROUP_KEY, *key_parts[2:]]  # inside the layer-group form
+            else:
+                parts = ["search", ".".join(key_parts)]
         try:
             parsed = load_yaml(value) if value.strip() else None
         except yaml.YAMLError:
@@ -178,12 +194,28 @@ def sweep_from_dict(raw: dict[str, Any], text: str = "") -> Sweep:
     search = raw.get("search") or {}
     if not isinstance(search, dict) or not search:
         raise ConfigError("search: allowed: a mapping of dotted config keys to distributions")
-    search = {str(k): _check_distribution(str(k), v) for k, v in search.items()}
+    layer_groups: dict[str, str] = {}
+    checked: dict[str, dict[str, Any]] = {}
+    for key, value in search.items():
+        if str(key) == GROUP_KEY:
+            group_search, layer_groups = layer_groups_of(value, base_config)
+            checked.update(group_search)
+        else:
+            checked[str(key)] = _check_distribution(str(key), value)
+    search = checked
     if tune_settings.searcher == "grid" and any(next(iter(d)) not in ("choice", "grid") for d in search.values()):
         raise ConfigError("tune.searcher: 'grid' needs every search key as choice/grid; allowed: tpe, nsga2, random")
-    sweep = Sweep(str(name), base, search, tune_settings, mlflow_settings, stages, text)
+    sweep = Sweep(str(name), base, search, tune_settings, mlflow_settings, stages, text, layer_groups)
     _check_metrics(sweep)
+    if layer_groups:  # the groups' rules, checked at their first widths in one run config
+        first = {key: _candidate_values(search[key])[0] for key in layer_groups}
+        try:
+            trial_config(sweep, first)
+        except ConfigError as error:
+            raise ConfigError(f"search.{GROUP_KEY}: {first!r} gives an invalid run: {error}") from None
     for key, dist in search.items():  # every candidate value must make a valid run config
+        if key in layer_groups:
+            continue
         for value in _candidate_values(dist):
             if key.split(".")[0] in ("stage", "init_from", "runs_dir", "tracking", "rank"):
                 raise ConfigError(
@@ -196,6 +228,9 @@ def sweep_from_dict(raw: dict[str, Any], text: str = "") -> Sweep:
                 raise ConfigError(f"search.{key}: {value!r} gives an invalid run: {error}") from None
     for stage in plan_stages(sweep)[0]:
         stage_config(sweep, stage, {}, init_from=_PLACEHOLDER)
+    classes = class_count(base)
+    if tune_settings.constraints and classes is not None:  # else the runner checks, once it knows the data
+        check_feasible(sweep, Budget(sweep, classes))
     return sweep
 
 
@@ -235,6 +270,7 @@ def _check_tune(settings: TuneSettings) -> None:
             f"tune.optuna_storage: {storage!r} is not allowed; allowed: a database URL such as "
             "sqlite:////abs/optuna.db or postgresql://user@host/db (or null for one beside the MLflow store)"
         )
+    settings.constraints = check_constraints(settings.constraints)
     if settings.searcher == "nsga2" and not settings.multi_objective:
         raise ConfigError("tune.searcher: 'nsga2' needs several metrics; allowed: tpe, random, grid for one metric")
 

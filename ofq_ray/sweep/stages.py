@@ -14,6 +14,7 @@ import hashlib
 from typing import TYPE_CHECKING, Any
 
 from ..config import ConfigError, RunConfig, _merge, apply_override, config_from_dict, run_fields
+from .groups import group_rules
 
 if TYPE_CHECKING:
     from .spec import Sweep
@@ -25,10 +26,20 @@ SHARED_KEYS = {stage: run_fields(shared_with=stage) for stage in ("pretrain", "q
 RUN_KEYS = run_fields(every_stage=True)
 
 
-def _with_values(base: dict[str, Any], values: dict[str, Any]) -> dict[str, Any]:
+def _with_values(base: dict[str, Any], values: dict[str, Any], groups: dict[str, str] | None = None) -> dict[str, Any]:
+    """``base`` with the searched values set; values of searched layer groups (``groups``: search key ->
+    glob, see :mod:`.groups`) become ``quant.layers`` rules after the config's own."""
     data = copy.deepcopy(base)
+    groups = groups or {}
     for key, value in values.items():
-        apply_override(data, key.split("."), value)
+        if key not in groups:
+            apply_override(data, key.split("."), value)
+    rules = group_rules(values, groups)
+    if rules:
+        quant = data.setdefault("quant", {})
+        if not isinstance(quant, dict):
+            raise ConfigError("quant: allowed: a mapping")
+        quant["layers"] = list(quant.get("layers") or []) + rules
     return data
 
 
@@ -66,11 +77,11 @@ def stage_config(sweep: Sweep, stage: str, values: dict[str, Any], init_from: st
     ``base`` plus ``stages.<stage>`` overrides. ``values`` are the trial's searched values."""
     base = _base_config(sweep.base)
     if stage == base.stage:
-        data = _with_values(sweep.base, values)
+        data = _with_values(sweep.base, values, sweep.layer_groups)
     else:
         data = {k: copy.deepcopy(v) for k, v in sweep.base.items() if k in SHARED_KEYS[stage] or k in RUN_KEYS}
         shared_values = {k: v for k, v in values.items() if k.split(".")[0] in SHARED_KEYS[stage]}
-        data = _with_values(data, shared_values)
+        data = _with_values(data, shared_values, sweep.layer_groups)
         data = _merge(data, copy.deepcopy(sweep.stages.get(stage, {})))
         data["stage"] = stage
         data.pop("tracking", None)

@@ -26,6 +26,8 @@ class SweepResult:
     wall_s: float
     bytes_kept: int
     pareto: list[dict[str, Any]] = field(default_factory=list)
+    rejected: int = 0  # configurations over tune.constraints, rejected before they trained
+    budget_stop: str = ""  # why the search ended early when too many were rejected in a row
 
 
 _STATUS = {"FINISHED": "completed", "KILLED": "stopped", "FAILED": "errored"}
@@ -77,6 +79,7 @@ def summarize(sweep: Sweep, grid: Any, context: dict[str, Any], parent: Any, log
                     for m in sweep.tune.metrics
                 },
                 "config": dict(result.config or {}),
+                "costs": {m: child["metrics"].get(m) if child else None for m in sweep.tune.constraints},
                 "run_id": child["run_id"] if child else None,
             }
         )
@@ -104,8 +107,22 @@ def summarize(sweep: Sweep, grid: Any, context: dict[str, Any], parent: Any, log
     pareto = _pareto_front(trials, sweep) if sweep.tune.multi_objective else []
     bytes_kept = _bytes_kept(runs_dir, context["tune_name"], sweep.experiment)
     result = SweepResult(sweep.name, parent.run_id, uri, trials, best, champion, 0.0, bytes_kept, pareto)
+    if sweep.tune.constraints:
+        result.rejected, result.budget_stop = _rejections(context)
     _log_summary(sweep, result, parent, log, context)
     return result
+
+
+def _rejections(context: dict[str, Any]) -> tuple[int, str]:
+    """How many configurations the budget rejected (from the sweep's Optuna study, so a resumed sweep counts
+    them all) and why the search stopped early, if it did."""
+    import optuna
+
+    from .budget import REJECTED, STOPPED
+
+    study = optuna.load_study(study_name=context["tune_name"], storage=context["optuna_storage"])
+    rejected = sum(REJECTED in trial.user_attrs for trial in study.get_trials(deepcopy=False))
+    return rejected, str(study.user_attrs.get(STOPPED, ""))
 
 
 def _trial_checkpoint_dirs(runs_dir: str, tune_name: str, trial_id: str) -> list[str]:
@@ -150,16 +167,20 @@ def _pareto_front(trials: list[dict[str, Any]], sweep: Sweep) -> list[dict[str, 
 def _log_summary(sweep: Sweep, result: SweepResult, parent: Any, log: Any, context: dict[str, Any]) -> None:
     import tempfile
 
+    from .budget import describe_constraints
+
     metric = sweep.tune.metrics[0]
+    costs = list(sweep.tune.constraints)
     lines = [
-        f"| trial | status | epochs | best {metric} | " + " | ".join(sweep.search) + " | run |",
-        "|" + "---|" * (5 + len(sweep.search)),
+        f"| trial | status | epochs | best {metric} | " + " | ".join([*sweep.search, *costs]) + " | run |",
+        "|" + "---|" * (5 + len(sweep.search) + len(costs)),
     ]
     for t in sorted(
         result.trials,
         key=lambda t: -(t["best"] or -math.inf) if sweep.tune.modes[0] == "max" else (t["best"] or math.inf),
     ):
-        params = " | ".join(_fmt(t["config"].get(k)) for k in sweep.search)
+        exact = ["-" if t["costs"][m] is None else f"{t['costs'][m]:.0f}" for m in costs]  # bytes, BitOPs
+        params = " | ".join([*(_fmt(t["config"].get(k)) for k in sweep.search), *exact])
         best = "-" if t["best"] is None else f"{t['best']:.2f}"
         lines.append(f"| {t['trial_id']} | {t['status']} | {t['epochs']} | {best} | {params} | {t['run_id'] or '-'} |")
     table = "\n".join(lines)
@@ -167,8 +188,16 @@ def _log_summary(sweep: Sweep, result: SweepResult, parent: Any, log: Any, conte
     summary = (
         f"\nsweep {sweep.name}: {len(result.trials)} trials ({counts['completed']} completed, "
         f"{counts['stopped']} stopped by the scheduler, {counts['errored']} errored); "
-        f"checkpoints kept: {result.bytes_kept / 2**20:.1f} MiB\n{table}\n"
+        f"checkpoints kept: {result.bytes_kept / 2**20:.1f} MiB\n"
     )
+    if sweep.tune.constraints:
+        summary += (
+            f"budget ({describe_constraints(sweep.tune.constraints)}): {result.rejected} configurations over budget "
+            "rejected before training\n"
+        )
+        if result.budget_stop:
+            summary += f"budget: {result.budget_stop}\n"
+    summary += f"{table}\n"
     if result.best:
         top = result.best
         summary += f"\nbest: trial {top['trial_id']} {metric} {top['best']:.2f}  {_short(top['config'])}\n"
@@ -193,12 +222,16 @@ def _log_summary(sweep: Sweep, result: SweepResult, parent: Any, log: Any, conte
             parent.log_artifact(path, "plots")
         parent.log_artifact(os.path.join(tmp, "summary.md"))
         parent.log_artifact(os.path.join(tmp, "trials.json"))
-    parent.set_tags(
-        {
-            "ofq.best_trial": result.best["trial_id"] if result.best else "",
-            f"ofq.best_{metric}": _fmt(result.best["best"]) if result.best else "",
-        }
-    )
+    tags = {
+        "ofq.best_trial": result.best["trial_id"] if result.best else "",
+        f"ofq.best_{metric}": _fmt(result.best["best"]) if result.best else "",
+    }
+    if sweep.tune.constraints:
+        tags["ofq.constraints"] = describe_constraints(sweep.tune.constraints)
+        tags["ofq.rejected_over_budget"] = str(result.rejected)
+        if result.budget_stop:
+            tags["ofq.budget_stop"] = result.budget_stop
+    parent.set_tags(tags)
 
 
 def _fmt(value: Any) -> str:
