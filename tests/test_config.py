@@ -233,3 +233,10 @@ def test_every_run_field_declares_once_whether_it_changes_what_a_stage_learns() 
         changed = load_config(None, ["stage=pretrain", f"{key}={value}"])
         assert (changed.fingerprint() == base.fingerprint()) == (key.split(".")[0] in left_out), key
     assert set(left_out) == {"tracking", "workers", "cpus_per_worker", "runs_dir", "keep_checkpoints", "max_failures"}
+
+
+def test_the_summary_prints_whole_numbers_in_full_and_others_to_4_digits() -> None:
+    from ofq_ray.sweep.summary import _fmt
+
+    assert _fmt(106028.0) == "106028" and _fmt(87596.0) != _fmt(87600.0)
+    assert _fmt(0.123456) == "0.1235" and _fmt(3) == "3" and _fmt("2/2") == "2/2"

@@ -235,6 +235,9 @@ def _log_summary(sweep: Sweep, result: SweepResult, parent: Any, log: Any, conte
 
 
 def _fmt(value: Any) -> str:
+    """4 significant digits, but whole numbers (bytes, BitOPs) in full: 106028, not 1.06e+05."""
+    if isinstance(value, float) and value.is_integer() and abs(value) < 1e15:
+        return str(int(value))
     return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
