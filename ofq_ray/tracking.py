@@ -66,6 +66,9 @@ _MAX_METRICS_PER_BATCH = 1000
 _MAX_KEY_LENGTH = 250
 
 EPOCH_METRIC = "epoch"
+# MLflow 3.x UIs that choose an experiment's view by this tag open ours as model training, not GenAI. 3.17
+# ignores it (a global GenAI / model-training switch, see runs_view_url); it costs nothing elsewhere.
+EXPERIMENT_TAGS = {"mlflow.experimentKind": "custom_model_development"}
 PARENT_RUN_TAG = "mlflow.parentRunId"
 RUN_STATUSES = ("FINISHED", "FAILED", "KILLED")
 DB_FILE_NAME = "mlflow.db"
@@ -127,6 +130,12 @@ def _is_server_uri(uri: str) -> bool:
     return urllib.parse.urlparse(uri).scheme in _SERVER_SCHEMES
 
 
+def runs_view_url(server: str, experiment_id: str) -> str:
+    """The MLflow UI page of an experiment's runs, in the model-training view: MLflow 3.x opens experiments
+    in its GenAI view (traces) unless the URL or the user's last choice says ``workflowType=machine_learning``."""
+    return f"{server.rstrip('/')}/#/experiments/{experiment_id}?workflowType=machine_learning"
+
+
 def ensure_experiment(uri: str, name: str, runs_dir: str) -> str:
     """Returns the id of experiment ``name``, creating it if missing.
 
@@ -134,6 +143,7 @@ def ensure_experiment(uri: str, name: str, runs_dir: str) -> str:
     location ``file://<runs_dir>/mlartifacts/<name>``; otherwise MLflow would put artifacts in a
     folder relative to the current directory of whichever process logs first. Tracking servers
     (``http(s)://``) choose the location themselves. An existing experiment keeps its location.
+    A new experiment is tagged as model training (``EXPERIMENT_TAGS``).
     Two processes creating the same experiment at once both get its id.
 
     Args:
@@ -155,7 +165,7 @@ def ensure_experiment(uri: str, name: str, runs_dir: str) -> str:
             folder = re.sub(r"[^\w.\-]", "_", name)  # a safe folder name for any experiment name
             location = (Path(runs_dir).expanduser().resolve() / ARTIFACTS_DIR_NAME / folder).as_uri()
         try:
-            return client.create_experiment(name, artifact_location=location)
+            return client.create_experiment(name, artifact_location=location, tags=EXPERIMENT_TAGS)
         except Exception as error:
             # Another process won the race: read back what it created.
             if _error_code(error) != "RESOURCE_ALREADY_EXISTS":
@@ -564,6 +574,8 @@ def register_checkpoint(
     name: str,
     alias: str = "champion",
     tags: Mapping[str, str] | None = None,
+    description: str | None = None,
+    model_description: str | None = None,
 ) -> int:
     """Registers ``runs:/<run_id>/<artifact_path>`` as a new version of model ``name`` behind ``alias``.
 
@@ -579,6 +591,8 @@ def register_checkpoint(
         name: Registered model name; ``/`` and ``:`` are not allowed (see :func:`sanitize_model_name`).
         alias: Alias to point at the new version (letters, digits, ``_``, ``-``).
         tags: Tags of the new model version (e.g. the metric that made it the champion).
+        description: The new version's description (markdown in the MLflow UI).
+        model_description: The registered model's description; replaces the one it has.
 
     Returns:
         The new version number.
@@ -605,8 +619,10 @@ def register_checkpoint(
         # Registering into an existing model is the normal case after the first sweep.
         if _error_code(error) != "RESOURCE_ALREADY_EXISTS":
             raise
+    if model_description is not None:
+        client.update_registered_model(name, description=model_description)
     version = client.create_model_version(
-        name, source, run_id=run_id, tags={str(k): str(v) for k, v in (tags or {}).items()}
+        name, source, run_id=run_id, tags={str(k): str(v) for k, v in (tags or {}).items()}, description=description
     )
     client.set_registered_model_alias(name, alias, str(version.version))
     return int(version.version)
