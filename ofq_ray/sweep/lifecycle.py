@@ -29,7 +29,7 @@ def run_trial(params: dict[str, Any], context: dict[str, Any]) -> None:
     trial = ray.tune.get_context()
     trial_id = trial.get_trial_id()
     values = {k: v for k, v in params.items()}
-    run_id = _child_run(context, trial_id, trial.get_trial_name(), values)
+    run_id = _child_run(context, trial_id, trial_run_name(values, trial_id), values)
     source = context["shared_source"]
     offset = 0
     stages = context["trial_stages"]
@@ -51,7 +51,28 @@ def run_trial(params: dict[str, Any], context: dict[str, Any]) -> None:
         source = f"runs:/{run_id}/{prefix}checkpoints/best"
 
 
-def _child_run(context: dict[str, Any], trial_id: str, trial_name: str, values: dict[str, Any]) -> str:
+def trial_run_name(values: dict[str, Any], trial_id: str, limit: int = 120) -> str:
+    """A child run's name in the MLflow UI: its searched values, short (``lr=3.2e-04 bits=2/2``), then its
+    trial id, which keeps it unique (Tune's own ``run_trial_<id>`` says nothing in a runs table). A key is
+    shortened to its last part (``optim.lr`` -> ``lr``) unless two searched keys end alike."""
+    ends = [key.rsplit(".", 1)[-1] for key in values]
+    parts = []
+    for key, end in zip(values, ends, strict=True):
+        value = values[key]
+        if isinstance(value, float) and value != 0 and not 1e-2 <= abs(value) < 1e4:
+            text = f"{value:.1e}"
+        elif isinstance(value, float):
+            text = f"{value:.3g}"
+        else:
+            text = str(value)
+        parts.append(f"{end if ends.count(end) == 1 else key}={text}")
+    shown = " ".join(parts)
+    if len(shown) > limit:
+        shown = shown[: limit - 3].rstrip() + "..."
+    return f"{shown} [{trial_id}]" if shown else trial_id
+
+
+def _child_run(context: dict[str, Any], trial_id: str, run_name: str, values: dict[str, Any]) -> str:
     from ..tracking import RunTracker, flatten, search_runs
 
     sweep: Sweep = context["sweep"]
@@ -72,7 +93,7 @@ def _child_run(context: dict[str, Any], trial_id: str, trial_name: str, values: 
         uri,
         sweep.experiment,
         context["runs_dir"],
-        run_name=trial_name,
+        run_name=run_name,
         params=params,
         tags={"ofq.trial_id": trial_id, "ofq.sweep": sweep.name, "ofq.stage": config.stage},
         parent_run_id=context["parent_run_id"],
