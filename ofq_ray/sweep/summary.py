@@ -97,13 +97,31 @@ def summarize(sweep: Sweep, grid: Any, context: dict[str, Any], parent: Any, log
             f"ofq.best_{rank.slug}": _fmt(best["best"]),
             "ofq.best_epoch": str(best["best_epoch"]),
         }
-        version = register_checkpoint(uri, best["run_id"], "checkpoints/best", name, tags=tags)
+        searched = ", ".join(f"`{k}`={_fmt(v)}" for k, v in best["config"].items()) or "none"
+        version = register_checkpoint(
+            uri,
+            best["run_id"],
+            "checkpoints/best",
+            name,
+            tags=tags,
+            description=(
+                f"Champion of sweep `{sweep.name}` (experiment `{sweep.experiment}`, parent run "
+                f"`{parent.run_id}`): trial `{best['trial_id']}`, {metric} ({rank.mode}) = {_fmt(best['best'])} "
+                f"at epoch {best['best_epoch']}; searched values: {searched}."
+            ),
+            model_description=(
+                f"Quantized models of the ofq-ray sweep `{sweep.name}` (experiment `{sweep.experiment}`): each "
+                f"version is a sweep's best trial by {metric} ({rank.mode}); the alias `champion` is the latest."
+            ),
+        )
         champion = f"models:/{name}@champion"
         parent.set_tags({"ofq.champion": f"{champion} (version {version})"})
         log(
             f"[sweep] champion: trial {best['trial_id']} {metric} {best['best']:.4g} (epoch {best['best_epoch']}) "
             f"-> {champion} (version {version})"
         )
+    if best is not None:
+        _log_best_metrics(client, parent.run_id, best["run_id"], best["best_epoch"])
     pareto = _pareto_front(trials, sweep) if sweep.tune.multi_objective else []
     bytes_kept = _bytes_kept(runs_dir, context["tune_name"], sweep.experiment)
     result = SweepResult(sweep.name, parent.run_id, uri, trials, best, champion, 0.0, bytes_kept, pareto)
@@ -111,6 +129,27 @@ def summarize(sweep: Sweep, grid: Any, context: dict[str, Any], parent: Any, log
         result.rejected, result.budget_stop = _rejections(context)
     _log_summary(sweep, result, parent, log, context)
     return result
+
+
+BEST_PREFIX = "best/"
+
+
+def _log_best_metrics(client: Any, parent_run_id: str, run_id: str, epoch: int) -> None:
+    """The best trial's metrics on the sweep's parent run, so the runs table shows them on its row: each at
+    the best epoch (the checkpoint registered), or as last logged if it was not logged then (costs logged
+    once). Named ``best/<metric>``: not the trial's own names, so nothing that ranks or plots runs by
+    ``val/top1`` takes the parent for a run that trained, and the name says it is a best, not a last value."""
+    import time
+
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    metrics = []
+    for key, last in client.get_run(run_id).data.metrics.items():
+        at_best = [m.value for m in client.get_metric_history(run_id, key) if m.step == epoch]
+        metrics.append(Metric(f"{BEST_PREFIX}{key}", at_best[-1] if at_best else last, now, 0))
+    if metrics:
+        client.log_batch(parent_run_id, metrics=metrics, synchronous=True)
 
 
 def _rejections(context: dict[str, Any]) -> tuple[int, str]:
@@ -213,9 +252,10 @@ def _log_summary(sweep: Sweep, result: SweepResult, parent: Any, log: Any, conte
             + "\n"
         )
     log(summary)
+    markdown = _markdown(summary)
     with tempfile.TemporaryDirectory() as tmp:
         with open(os.path.join(tmp, "summary.md"), "w") as handle:
-            handle.write(summary)
+            handle.write(markdown)
         with open(os.path.join(tmp, "trials.json"), "w") as handle:
             json.dump(result.trials, handle, indent=2, default=str)
         for path in _plots(sweep, context, tmp).values():
@@ -225,6 +265,8 @@ def _log_summary(sweep: Sweep, result: SweepResult, parent: Any, log: Any, conte
     tags = {
         "ofq.best_trial": result.best["trial_id"] if result.best else "",
         f"ofq.best_{metric}": _fmt(result.best["best"]) if result.best else "",
+        # The run's description in the MLflow UI, rendered as markdown: what a user opening the sweep sees.
+        NOTE_TAG: _note(markdown),
     }
     if sweep.tune.constraints:
         tags["ofq.constraints"] = describe_constraints(sweep.tune.constraints)
@@ -232,6 +274,40 @@ def _log_summary(sweep: Sweep, result: SweepResult, parent: Any, log: Any, conte
         if result.budget_stop:
             tags["ofq.budget_stop"] = result.budget_stop
     parent.set_tags(tags)
+
+
+NOTE_TAG = "mlflow.note.content"  # MLflow's run description
+
+
+def _markdown(summary: str) -> str:
+    """The terminal summary as markdown: each line its own paragraph, the table's rows together."""
+    out: list[str] = []
+    in_table = False
+    for line in (line.strip() for line in summary.strip().splitlines()):
+        if not line:
+            continue
+        row = line.startswith("|")
+        if out and not (row and in_table):
+            out.append("")
+        out.append(line)
+        in_table = row
+    return "\n".join(out) + "\n"
+
+
+def _note(markdown: str) -> str:
+    """``markdown`` within MLflow's tag limit: the table's last rows (the worst trials) give way first."""
+    from ..tracking import MAX_TAG_VALUE_LENGTH
+
+    lines = markdown.splitlines()
+    rows = [i for i, line in enumerate(lines) if line.startswith("| ")][1:]  # not the header
+    dropped = 0
+    while len("\n".join(lines)) > MAX_TAG_VALUE_LENGTH - 100 and rows:
+        del lines[rows.pop()]
+        dropped += 1
+    if dropped:
+        end = max((i for i, line in enumerate(lines) if line.startswith("|")), default=len(lines) - 1)
+        lines.insert(end + 1, f"\n({dropped} more trials in the artifact summary.md)")
+    return "\n".join(lines)[:MAX_TAG_VALUE_LENGTH]
 
 
 def _fmt(value: Any) -> str:
