@@ -114,7 +114,33 @@ def cmd_tune(args: argparse.Namespace) -> int:
         f"sweep {result.name} done in {result.wall_s:.0f} s: {len(result.trials)} trials, {stopped} stopped early; "
         f"MLflow parent run {result.parent_run_id} ({result.tracking_uri})"
     )
+    print(where_to_look(result.tracking_uri, sweep.experiment, sweep.base["runs_dir"]))
     return 0 if result.best is not None else 1
+
+
+def where_to_look(uri: str, experiment: str, runs_dir: str) -> str:
+    """Where the sweep's runs are in the MLflow UI: the page on a tracking server, or for a local store the
+    ``ofq-ray ui`` command that serves it and the page it will have."""
+    import shlex
+    import urllib.parse
+
+    from .tracking import _client, default_tracking_uri, runs_view_url
+
+    found = _client(uri).get_experiment_by_name(experiment)
+    if found is None:
+        return f"  MLflow UI:   no experiment {experiment!r} in {uri}"
+    scheme = urllib.parse.urlparse(uri).scheme
+    if scheme in ("http", "https"):
+        return f"  MLflow UI:   {runs_view_url(uri, found.experiment_id)}"
+    if scheme == "databricks":
+        return f"  MLflow UI:   experiment {experiment!r} (id {found.experiment_id}) in your Databricks workspace"
+    command = f"ofq-ray ui --runs-dir {shlex.quote(runs_dir)}"
+    if uri != default_tracking_uri(runs_dir):
+        command += f" --tracking-uri {shlex.quote(uri)}"
+    return (
+        f"  MLflow UI:   {command}\n"
+        f"               then open {runs_view_url('http://127.0.0.1:5000', found.experiment_id)}"
+    )
 
 
 def _tracking(args: argparse.Namespace) -> str:
@@ -147,7 +173,12 @@ def cmd_ui(args: argparse.Namespace) -> int:
         "--port",
         str(args.port),
     ]
-    print(f"MLflow UI on http://{args.host}:{args.port} (store {uri}); Ctrl-C stops it", flush=True)
+    print(
+        f"MLflow UI on http://{args.host}:{args.port} (store {uri}); Ctrl-C stops it\n"
+        "  (MLflow 3.x may open an experiment in its GenAI view: choose 'Model training' in its "
+        "GenAI / Model training switch, or add ?workflowType=machine_learning to the experiment's URL)",
+        flush=True,
+    )
     os.execv(sys.executable, command)
     return 0  # not reached
 
