@@ -4,15 +4,27 @@ the callback's work happens in the driver, on files and runs)."""
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import optuna
+import pytest
 from mlflow.tracking import MlflowClient
 
 from ofq_ray.checkpoint import read_checkpoint, save_checkpoint
+from ofq_ray.cli import where_to_look
 from ofq_ray.sweep import sweep_from_dict
-from ofq_ray.sweep.lifecycle import _error_line, close_trial, fail_trial
-from ofq_ray.tracking import RunTracker, default_tracking_uri, download_artifacts, ensure_experiment
+from ofq_ray.sweep.lifecycle import _child_run, _error_line, close_trial, fail_trial, trial_run_name
+from ofq_ray.sweep.summary import _markdown, _note, summarize
+from ofq_ray.tracking import (
+    MAX_TAG_VALUE_LENGTH,
+    RunTracker,
+    default_tracking_uri,
+    download_artifacts,
+    ensure_experiment,
+    runs_view_url,
+)
 
 TUNE_NAME = "lc-20260101-000000"
 
@@ -142,3 +154,107 @@ def test_an_errored_trial_is_failed_with_the_exception_line(tmp_path: Path) -> N
     assert run.data.tags["ofq.error"] == "RuntimeError: worker lost"
     os.remove(error_file)
     assert _error_line(trial).startswith("unknown error")
+
+
+# --- what a user lands on in the MLflow UI after a sweep ----------------------------------------------------
+
+
+def test_a_trial_run_is_named_by_its_searched_values_and_keeps_its_trial_id(tmp_path: Path) -> None:
+    assert trial_run_name({"optim.lr": 3.2e-4, "quant.bits": "2/2"}, "ab12_00001") == "lr=3.2e-04 bits=2/2 [ab12_00001]"
+    assert trial_run_name({"optim.weight_decay": 0.05, "quant.qkr": True}, "t") == "weight_decay=0.05 qkr=True [t]"
+    # two keys ending alike keep their full names; no searched values leaves the trial id
+    assert trial_run_name({"a.lr": 1.0, "b.lr": 2.0}, "t") == "a.lr=1 b.lr=2 [t]"
+    assert trial_run_name({}, "t") == "t"
+    assert len(trial_run_name({"optim.lr": 1e-4, "x": "y" * 500}, "t")) < 140
+
+    context = _context(tmp_path, delete_stopped=False)
+    context["shared_source"] = None
+    values = {"optim.lr": 3.2e-4}
+    run_id = _child_run(context, "ab12_00001", trial_run_name(values, "ab12_00001"), values)
+    run = _run(context, run_id)
+    assert run.info.run_name == "lr=3.2e-04 [ab12_00001]"
+    assert run.data.tags["ofq.trial_id"] == "ab12_00001" and run.data.params["search.optim.lr"] == "0.00032"
+    # a restarted trial finds its run by the trial id tag, whatever its name
+    assert _child_run(context, "ab12_00001", "another name", values) == run_id
+
+
+@dataclass
+class _Result:  # what summarize reads of Tune's ResultGrid: a stand-in for Ray, the store is real MLflow
+    path: str
+    config: dict[str, Any]
+    error: Exception | None = None
+
+
+def _finished_trial(context: dict[str, Any], trial_id: str, lr: float, top1: list[float], tmp_path: Path) -> str:
+    values = {"optim.lr": lr}
+    run_id = _child_run(context, trial_id, trial_run_name(values, trial_id), values)
+    tracker = RunTracker(context["tracking_uri"], run_id)
+    for epoch, value in enumerate(top1):
+        tracker.log_epoch(epoch, {"val/top1": value, "val/loss": 1.0 - value / 100})
+    folder = tmp_path / f"ckpt-{trial_id}"
+    save_checkpoint(str(folder), {"history": [], "marker": 0})
+    tracker.log_artifact(str(folder), "checkpoints/best")
+    tracker.finish("FINISHED")
+    return run_id
+
+
+def test_after_the_sweep_the_parent_shows_the_summary_and_the_best_trial_and_the_champion_says_why(
+    tmp_path: Path,
+) -> None:
+    context = _context(tmp_path, delete_stopped=False, metric="val/top1", mode="max")
+    context.update(shared_source=None, ranked_from_epoch=0, optuna_storage=f"sqlite:///{tmp_path / 'optuna.db'}")
+    optuna.create_study(study_name=TUNE_NAME, storage=context["optuna_storage"], direction="maximize")
+    _finished_trial(context, "ab12_00000", 1e-4, [50.0, 60.0, 55.0], tmp_path)
+    best_run = _finished_trial(context, "ab12_00001", 3.2e-4, [52.0, 71.5, 70.0], tmp_path)
+    grid = [
+        _Result(str(tmp_path / "ray" / "ab12_00000"), {"optim.lr": 1e-4}),
+        _Result(str(tmp_path / "ray" / "ab12_00001"), {"optim.lr": 3.2e-4}),
+    ]
+    sweep, uri = context["sweep"], context["tracking_uri"]
+    parent = RunTracker(uri, context["parent_run_id"])
+    lines: list[str] = []
+    result = summarize(sweep, grid, context, parent, lines.append)
+    assert result.best is not None and result.best["run_id"] == best_run
+
+    run = _run(context, parent.run_id)
+    note = run.data.tags["mlflow.note.content"]
+    assert note.startswith("sweep lc: 2 trials (2 completed")
+    assert "\n\n| trial | status | epochs | best val/top1 | optim.lr | run |\n|---|" in note
+    assert f"| ab12_00001 | completed | 3 | 71.50 | 0.00032 | {best_run} |" in note
+    summary_md = Path(download_artifacts(f"runs:/{parent.run_id}/summary.md", tracking_uri=uri)).read_text()
+    assert summary_md.strip() == note.strip()
+    # the best trial's metrics at its best epoch (1), not its last
+    assert run.data.metrics["best/val/top1"] == 71.5
+    assert run.data.metrics["best/val/loss"] == pytest.approx(1.0 - 0.715)
+    assert run.data.metrics["best/epoch"] == 1
+
+    client = MlflowClient(uri)
+    version = client.get_model_version_by_alias("lc", "champion")
+    assert version.run_id == best_run
+    for text in ("`lc`", parent.run_id, "ab12_00001", "val/top1 (max) = 71.5", "epoch 1", "`optim.lr`=0.00032"):
+        assert text in version.description
+    assert "`lc`" in client.get_registered_model("lc").description
+    assert client.get_experiment_by_name("lc").tags["mlflow.experimentKind"] == "custom_model_development"
+
+
+def test_a_long_summary_keeps_the_best_trials_in_the_description() -> None:
+    rows = [f"| t{i} | completed | 3 | {99 - i * 0.01:.2f} | {'x' * 80} |" for i in range(200)]
+    markdown = _markdown("\nsweep s: 200 trials\n| trial | status |\n|---|---|\n" + "\n".join(rows) + "\nbest: t0\n")
+    note = _note(markdown)
+    assert len(note) <= MAX_TAG_VALUE_LENGTH and "| t0 |" in note and "| t199 |" not in note
+    assert "more trials in the artifact summary.md" in note and note.rstrip().endswith("best: t0")
+
+
+def test_the_cli_points_at_the_sweeps_runs_page(tmp_path: Path) -> None:
+    runs = str(tmp_path / "runs")
+    uri = default_tracking_uri(runs)
+    experiment_id = ensure_experiment(uri, "lc", runs)
+    local = where_to_look(uri, "lc", runs)
+    assert f"ofq-ray ui --runs-dir {runs}\n" in local and "--tracking-uri" not in local
+    assert f"http://127.0.0.1:5000/#/experiments/{experiment_id}?workflowType=machine_learning" in local
+    other = default_tracking_uri(str(tmp_path / "elsewhere"))
+    ensure_experiment(other, "lc", runs)
+    assert f"--tracking-uri {other}" in where_to_look(other, "lc", runs)
+    assert (
+        runs_view_url("http://mlflow:5000/", "7") == "http://mlflow:5000/#/experiments/7?workflowType=machine_learning"
+    )
