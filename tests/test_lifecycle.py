@@ -220,7 +220,7 @@ def test_after_the_sweep_the_parent_shows_the_summary_and_the_best_trial_and_the
     note = run.data.tags["mlflow.note.content"]
     assert note.startswith("sweep lc: 2 trials (2 completed")
     assert "\n\n| trial | status | epochs | best val/top1 | optim.lr | run |\n|---|" in note
-    assert f"| ab12_00001 | completed | 3 | 71.50 | 0.00032 | {best_run} |" in note
+    assert f"| ab12_00001 | completed | 3 | 71.5 | 0.00032 | {best_run} |" in note
     summary_md = Path(download_artifacts(f"runs:/{parent.run_id}/summary.md", tracking_uri=uri)).read_text()
     assert summary_md.strip() == note.strip()
     # the best trial's metrics at its best epoch (1), not its last

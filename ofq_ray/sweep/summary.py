@@ -216,11 +216,11 @@ def _log_summary(sweep: Sweep, result: SweepResult, parent: Any, log: Any, conte
     ]
     for t in sorted(
         result.trials,
-        key=lambda t: -(t["best"] or -math.inf) if sweep.tune.modes[0] == "max" else (t["best"] or math.inf),
+        key=lambda t: math.inf if t["best"] is None else (-t["best"] if sweep.tune.modes[0] == "max" else t["best"]),
     ):
         exact = ["-" if t["costs"][m] is None else f"{t['costs'][m]:.0f}" for m in costs]  # bytes, BitOPs
         params = " | ".join([*(_fmt(t["config"].get(k)) for k in sweep.search), *exact])
-        best = "-" if t["best"] is None else f"{t['best']:.2f}"
+        best = "-" if t["best"] is None else _fmt(t["best"])
         lines.append(f"| {t['trial_id']} | {t['status']} | {t['epochs']} | {best} | {params} | {t['run_id'] or '-'} |")
     table = "\n".join(lines)
     counts = {s: sum(t["status"] == s for t in result.trials) for s in ("completed", "stopped", "errored")}
@@ -239,7 +239,7 @@ def _log_summary(sweep: Sweep, result: SweepResult, parent: Any, log: Any, conte
     summary += f"{table}\n"
     if result.best:
         top = result.best
-        summary += f"\nbest: trial {top['trial_id']} {metric} {top['best']:.2f}  {_short(top['config'])}\n"
+        summary += f"\nbest: trial {top['trial_id']} {metric} {_fmt(top['best'])}  {_short(top['config'])}\n"
         summary += f"      MLflow run {result.best['run_id']}  model {result.champion or '-'}\n"
     if result.pareto:
         summary += (
