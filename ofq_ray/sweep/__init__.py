@@ -5,7 +5,9 @@ Split by the question each part answers:
 
 - :mod:`.spec`: what the user wrote, read and validated before anything runs;
 - :mod:`.stages`: which stages run once for all trials (cached by fingerprint) and each stage's config;
+- :mod:`.groups`: ``search.quant.layers``, searched widths for named groups of layers;
 - :mod:`.search`: the Optuna searcher (its study in an RDB storage) and the scheduler;
+- :mod:`.budget`: ``tune.constraints``, configurations over budget rejected before training;
 - :mod:`.mo_asha`: successive halving by non-dominated rank, for several objectives;
 - :mod:`.lifecycle`: the trial function and the driver-side callback that closes each trial's run as it ends;
 - :mod:`.runner`: one sweep end to end, and ``--resume``;
