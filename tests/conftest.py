@@ -53,3 +53,19 @@ def ray_session() -> Iterator[None]:
     ray.init(address="local", num_cpus=4, object_store_memory=1_000_000_000, include_dashboard=True, log_to_driver=True)
     yield
     ray.shutdown()
+
+
+def make_tiny_swin(seed: int = 0, in_chans: int = 1) -> nn.Module:
+    """A two-stage Swin for 32 px: patch 4, window 4, width 24, depths (2, 2), heads (2, 4)."""
+    torch.manual_seed(seed)
+    return timm.create_model(
+        "swin_tiny_patch4_window7_224",
+        pretrained=False,
+        num_classes=10,
+        img_size=32,
+        in_chans=in_chans,
+        window_size=4,
+        embed_dim=24,
+        depths=(2, 2),
+        num_heads=(2, 4),
+    )

@@ -7,10 +7,9 @@ from __future__ import annotations
 import math
 
 import pytest
-import timm
 import torch
 import torch.nn.functional as F
-from conftest import make_tiny_vit, randomize_biases
+from conftest import make_tiny_swin, make_tiny_vit, randomize_biases
 from timm.data import Mixup
 from timm.loss import SoftTargetCrossEntropy
 from torch import nn
@@ -145,18 +144,7 @@ def test_lsq_with_qkr_is_rejected_and_the_lsq_baseline_quantizes_q_and_k_separat
 
 
 def _tiny_swin(faithful: bool) -> tuple[nn.Module, torch.Tensor]:
-    torch.manual_seed(0)
-    model = timm.create_model(
-        "swin_tiny_patch4_window7_224",
-        pretrained=False,
-        num_classes=10,
-        img_size=32,
-        in_chans=1,
-        window_size=4,
-        embed_dim=24,
-        depths=(2, 2),
-        num_heads=(2, 4),
-    )
+    model = make_tiny_swin()
     quantize_model(model, QuantConfig(weight_bits=2, act_bits=2, faithful=faithful))
     images = torch.randn(4, 1, 32, 32)
     init_activation_scales(model, images)

@@ -7,10 +7,9 @@ from collections.abc import Callable
 from contextlib import nullcontext
 
 import pytest
-import timm
 import torch
 import torch.nn.functional as F
-from conftest import make_tiny_vit, randomize_biases
+from conftest import make_tiny_swin, make_tiny_vit, randomize_biases
 from torch import nn
 
 from ofq_ray.quant import QuantConfig, init_activation_scales, quantize_model
@@ -232,21 +231,6 @@ def test_patch_conv_matches_conv2d(bf16: bool, size: int, groups: int, bias: boo
 # --- whole models: fused vs module by module ---------------------------------------------------------
 
 
-def _tiny_swin() -> nn.Module:
-    torch.manual_seed(0)
-    return timm.create_model(
-        "swin_tiny_patch4_window7_224",
-        pretrained=False,
-        num_classes=10,
-        img_size=32,
-        in_chans=1,
-        window_size=4,
-        embed_dim=24,
-        depths=(2, 2),
-        num_heads=(2, 4),
-    )
-
-
 def _model_grads(model: nn.Module, images: torch.Tensor, bf16: bool) -> tuple[float, dict[str, torch.Tensor]]:
     model.zero_grad(set_to_none=True)
     torch.manual_seed(7)  # Swin's stochastic depth draws the same paths on both sides
@@ -273,7 +257,7 @@ def _model_grads(model: nn.Module, images: torch.Tensor, bf16: bool) -> tuple[fl
     ids=["vit-qkr", "vit-noqkr", "vit-lsq", "vit-qkr-faithful", "vit-qkr-float-weights", "swin", "swin-faithful"],
 )
 def test_fused_model_matches_module_by_module(arch: str, config: QuantConfig, bf16: bool) -> None:
-    model = make_tiny_vit() if arch == "vit" else _tiny_swin()
+    model = make_tiny_vit() if arch == "vit" else make_tiny_swin()
     randomize_biases(model)
     quantize_model(model, config)
     images = torch.randn(6, 1, 32, 32, generator=torch.Generator().manual_seed(5))

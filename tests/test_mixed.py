@@ -8,9 +8,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import timm
 import torch
-from conftest import make_tiny_vit, randomize_biases
+from conftest import make_tiny_swin, make_tiny_vit, randomize_biases
 from torch import nn
 
 from ofq_ray.checkpoint import build_model, model_from_checkpoint, save_checkpoint
@@ -114,16 +113,7 @@ def test_converted_modules_carry_their_resolved_widths_and_qkr_follows_the_qkv_w
 
 
 def test_swin_rules_reach_window_attention_mlp_and_patch_merging() -> None:
-    torch.manual_seed(0)
-    swin = timm.create_model(
-        "swin_tiny_patch4_window7_224",
-        num_classes=CLASSES,
-        img_size=32,
-        window_size=4,
-        embed_dim=24,
-        depths=(2, 2),
-        num_heads=(2, 4),
-    )
+    swin = make_tiny_swin(in_chans=3)
     rules = [
         {"match": "layers.1.*", "weight_bits": 4, "act_bits": 3},
         {"match": "*.downsample", "weight_bits": None},
