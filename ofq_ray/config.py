@@ -226,6 +226,16 @@ class RankConfig:
                 chosen, chosen_score = item, score
         return chosen
 
+    def stage_tags(self, stage: str, best: dict[str, float]) -> dict[str, str]:
+        """The tags that say which epoch of a ``stage`` is its ``checkpoints/best``: the ranking metric's
+        value there, that epoch, and the ranking (written by the run itself, or by the sweep when it closes
+        a trial's run)."""
+        return {
+            f"ofq.{stage}.best_{self.slug}": f"{best.get(self.metric, float('nan')):.6g}",
+            f"ofq.{stage}.best_epoch": str(int(best.get("epoch", -1))),
+            f"ofq.{stage}.rank": f"{self.metric} {self.mode}",
+        }
+
     @property
     def slug(self) -> str:
         """The metric as a tag-name fragment: ``val/top1`` -> ``val_top1``."""

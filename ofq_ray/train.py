@@ -337,13 +337,7 @@ def run_training(
     if last_path and last_path != best_path:
         tracker.log_artifact(last_path, f"{artifact_prefix}checkpoints/last")
     best = config.rank.best(history) or {}
-    tracker.set_tags(
-        {
-            f"ofq.{config.stage}.best_{config.rank.slug}": f"{best.get(config.rank.metric, float('nan')):.6g}",
-            f"ofq.{config.stage}.best_epoch": str(int(best.get("epoch", -1))),
-            f"ofq.{config.stage}.rank": f"{config.rank.metric} {config.rank.mode}",
-        }
-    )
+    tracker.set_tags(config.rank.stage_tags(config.stage, best))
     if finish_run:
         _close_run(tracker, "FINISHED", reused=run_id is not None)
     extra: dict[str, Any] = {}

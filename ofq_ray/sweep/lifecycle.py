@@ -13,7 +13,7 @@ from ray.tune import Callback
 from ..config import RankConfig
 from .spec import Sweep
 from .stages import _PLACEHOLDER, stage_config
-from .summary import _fmt, _short
+from .summary import _short
 
 # --- the trial ---------------------------------------------------------------------------------------------
 
@@ -73,17 +73,13 @@ def trial_run_name(values: dict[str, Any], trial_id: str, limit: int = 120) -> s
 
 
 def _child_run(context: dict[str, Any], trial_id: str, run_name: str, values: dict[str, Any]) -> str:
-    from ..tracking import RunTracker, flatten, search_runs
+    from ..tracking import RunTracker, flatten
 
     sweep: Sweep = context["sweep"]
     uri = context["tracking_uri"]
-    found = search_runs(
-        uri,
-        sweep.experiment,
-        f"tags.`ofq.trial_id` = '{trial_id}' and tags.`mlflow.parentRunId` = '{context['parent_run_id']}'",
-    )
-    if found:
-        return str(found[0]["run_id"])
+    found = _trial_run(context, trial_id)  # a restarted trial keeps its run
+    if found is not None:
+        return str(found["run_id"])
     config = stage_config(
         sweep, context["trial_stages"][-1], values, init_from=context["shared_source"] or _PLACEHOLDER
     )
@@ -201,21 +197,13 @@ def close_trial(context: dict[str, Any], trial_id: str, last_result: dict[str, A
     rank = sweep.rank
     if epochs >= context["total_epochs"] and best is not None:
         tracker.log_artifact(best[1], "checkpoints/best")
-        tracker.set_tags(
-            {
-                "ofq.finished_by": "sweep driver",
-                f"ofq.{stage}.best_{rank.slug}": _fmt(best[0].get(rank.metric)),
-                f"ofq.{stage}.best_epoch": str(int(best[0].get("epoch", -1))),
-                f"ofq.{stage}.rank": f"{rank.metric} {rank.mode}",
-            }
-        )
+        tracker.set_tags({"ofq.finished_by": "sweep driver", **rank.stage_tags(stage, best[0])})
         tracker.finish("FINISHED")
         return "FINISHED"
     tags = {"ofq.stopped_by": "scheduler", "ofq.stopped_at_epoch": str(max(epochs, 0))}
     if best is not None and not sweep.tune.delete_stopped_checkpoints:
         tracker.log_artifact(best[1], "checkpoints/best")
-        tags[f"ofq.{stage}.best_{rank.slug}"] = _fmt(best[0].get(rank.metric))
-        tags[f"ofq.{stage}.best_epoch"] = str(int(best[0].get("epoch", -1)))
+        tags.update(rank.stage_tags(stage, best[0]))
     tracker.set_tags(tags)
     tracker.finish("KILLED")
     return "KILLED"

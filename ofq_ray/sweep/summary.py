@@ -55,8 +55,9 @@ def summarize(sweep: Sweep, grid: Any, context: dict[str, Any], parent: Any, log
         if child is not None and child["status"] == "RUNNING":
             # Tune ends the trials still running when the sweep ends (its time budget) without a trial event.
             why = "time budget" if sweep.tune.time_budget_s is not None else "sweep end"
-            RunTracker(uri, child["run_id"]).set_tags({"ofq.stopped_by": why})
-            RunTracker(uri, child["run_id"]).finish("KILLED")
+            tracker = RunTracker(uri, child["run_id"])
+            tracker.set_tags({"ofq.stopped_by": why})
+            tracker.finish("KILLED")
             child["status"] = "KILLED"
         status = "errored" if result.error is not None else _STATUS.get(child["status"] if child else "", "stopped")
         history = sorted(client.get_metric_history(child["run_id"], metric), key=lambda m: m.step) if child else []
