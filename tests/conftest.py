@@ -10,6 +10,8 @@ import timm
 import torch
 from torch import nn
 
+from ofq_ray.quant import QuantConfig, init_activation_scales, quantize_model
+
 
 def make_tiny_vit(seed: int = 0, **overrides: object) -> nn.Module:
     """A DeiT-tiny-shaped ViT for 32 px grayscale: patch 4, width 48, 3 heads, depth 2, qkv biases."""
@@ -69,3 +71,18 @@ def make_tiny_swin(seed: int = 0, in_chans: int = 1) -> nn.Module:
         depths=(2, 2),
         num_heads=(2, 4),
     )
+
+
+def trained_tiny_vit(config: QuantConfig, steps: int = 3) -> tuple[nn.Module, torch.Tensor]:
+    """A quantized tiny ViT after ``steps`` AdamW steps (steps and shifts moved off their init), in eval
+    mode, and its batch."""
+    model = quantize_model(make_tiny_vit(), config)
+    randomize_biases(model, std=0.1)
+    x = torch.randn(4, 1, 32, 32)
+    init_activation_scales(model, x)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    for _ in range(steps):  # move LSQ steps and shifts away from their init
+        optimizer.zero_grad()
+        model(x).logsumexp(dim=1).mean().backward()
+        optimizer.step()
+    return model.eval(), x

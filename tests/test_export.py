@@ -7,10 +7,9 @@ import math
 
 import pytest
 import torch
-from conftest import make_tiny_vit, randomize_biases
-from torch import nn
+from conftest import make_tiny_vit, trained_tiny_vit
 
-from ofq_ray.quant import QuantConfig, init_activation_scales, quantize_model
+from ofq_ray.quant import QuantConfig, quantize_model
 from ofq_ray.quant.export import (
     FrozenWeight,
     export_quantized,
@@ -31,19 +30,6 @@ def test_pack_unpack_round_trip_and_density(bits: int) -> None:
     assert torch.equal(unpack_codes(packed, bits, (7, 13)), codes.to(torch.int16))
 
 
-def _trained(config: QuantConfig, steps: int = 3) -> tuple[nn.Module, torch.Tensor]:
-    model = quantize_model(make_tiny_vit(), config)
-    randomize_biases(model, std=0.1)
-    x = torch.randn(4, 1, 32, 32)
-    init_activation_scales(model, x)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    for _ in range(steps):  # move LSQ steps and shifts away from their init
-        optimizer.zero_grad()
-        model(x).logsumexp(dim=1).mean().backward()
-        optimizer.step()
-    return model.eval(), x
-
-
 @pytest.mark.parametrize(
     "config",
     [
@@ -54,7 +40,7 @@ def _trained(config: QuantConfig, steps: int = 3) -> tuple[nn.Module, torch.Tens
     ids=["w2a2-qkr", "w3a3-faithful", "w4a4-lsq-noqkr"],
 )
 def test_a_model_rebuilt_from_its_export_gives_the_same_logits(config: QuantConfig) -> None:
-    model, x = _trained(config)
+    model, x = trained_tiny_vit(config)
     expected = model(x)
     buffer = io.BytesIO()
     torch.save(export_quantized(model), buffer)
@@ -68,7 +54,7 @@ def test_a_model_rebuilt_from_its_export_gives_the_same_logits(config: QuantConf
 
 
 def test_export_holds_codes_not_latent_weights() -> None:
-    model, _ = _trained(QuantConfig(weight_bits=2, act_bits=2))
+    model, _ = trained_tiny_vit(QuantConfig(weight_bits=2, act_bits=2))
     export = export_quantized(model)
     state = export["float_state"]
     assert not any(k.endswith(("q_weight", "k_weight", "fc1.weight", "proj.weight")) for k in state)
@@ -83,7 +69,7 @@ def test_export_holds_codes_not_latent_weights() -> None:
 def test_size_report_matches_the_quick_estimate_and_shrinks_with_bits() -> None:
     sizes = {}
     for bits in (2, 4):
-        model, _ = _trained(QuantConfig(weight_bits=bits, act_bits=bits), steps=0)
+        model, _ = trained_tiny_vit(QuantConfig(weight_bits=bits, act_bits=bits), steps=0)
         report = export_quantized(model)["size"]
         assert report["total_bytes"] == quantized_size_bytes(model)
         assert report["code_bytes"] == sum(entry["code_bytes"] for entry in report["layers"].values())
@@ -94,7 +80,7 @@ def test_size_report_matches_the_quick_estimate_and_shrinks_with_bits() -> None:
 
 
 def test_loading_an_export_into_a_different_model_is_a_clear_error() -> None:
-    model, _ = _trained(QuantConfig(weight_bits=2, act_bits=2), steps=0)
+    model, _ = trained_tiny_vit(QuantConfig(weight_bits=2, act_bits=2), steps=0)
     export = export_quantized(model)
     other = quantize_model(make_tiny_vit(depth=3), QuantConfig(weight_bits=2, act_bits=2))
     with pytest.raises(ValueError, match=r"^export: layers do not match this model"):

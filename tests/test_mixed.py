@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import make_tiny_swin, make_tiny_vit, randomize_biases
+from conftest import make_tiny_swin, make_tiny_vit, randomize_biases, trained_tiny_vit
 from torch import nn
 
 from ofq_ray.checkpoint import build_model, model_from_checkpoint, save_checkpoint
@@ -44,19 +44,6 @@ MIXED = [
 
 def _lsq_bits(module: nn.Module | None) -> int | None:
     return None if module is None else int(module.bits)  # type: ignore[arg-type]
-
-
-def _trained(config: QuantConfig, steps: int = 3) -> tuple[nn.Module, torch.Tensor]:
-    model = quantize_model(make_tiny_vit(), config)
-    randomize_biases(model, std=0.1)
-    x = torch.randn(4, 1, 32, 32)
-    init_activation_scales(model, x)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    for _ in range(steps):
-        optimizer.zero_grad()
-        model(x).logsumexp(dim=1).mean().backward()
-        optimizer.step()
-    return model.eval(), x
 
 
 # --- resolution ---------------------------------------------------------------------------------------
@@ -138,7 +125,7 @@ def test_swin_rules_reach_window_attention_mlp_and_patch_merging() -> None:
 
 def test_a_mixed_vit_trains_exports_rebuilds_and_its_size_is_the_hand_count() -> None:
     config = QuantConfig(weight_bits=2, act_bits=2, layers=MIXED)
-    model, x = _trained(config)
+    model, x = trained_tiny_vit(config)
     expected = model(x)
     buffer = io.BytesIO()
     torch.save(export_quantized(model), buffer)
