@@ -264,3 +264,84 @@ def test_mixed_precision_arms_validate_with_the_same_trials_epochs_and_fp_stage(
         assert costs["model/size_bytes"] == sizes[width]
         assert bool(budget.broken(costs)) is (width == "4/4")
     assert mixed_precision.plan(setup, str(tmp_path), "test", budget=False).mixed.tune.constraints == {}
+
+
+def test_report_renders_the_mixed_precision_tables_and_targets() -> None:
+    import mixed_precision
+
+    mixed = [_mixed(105, 80.0, "3/3"), _mixed(120, 80.85, "4/4"), _mixed(121, 84.0), _mixed(110, 79.0)]
+    analysis = mixed_precision.analyze(UNIFORM, mixed)
+    arms = {
+        "uniform": {"trained": 6, "trial_epochs": 24, "rejected": 0, "wall_s": 100.0},
+        "mixed": {"trained": 4, "trial_epochs": 16, "rejected": 3, "wall_s": 80.0},
+    }
+    for arm, row in arms.items():
+        row["hypervolume"] = analysis["hypervolume"][arm]
+    settings = {
+        "model": "vit_fmnist_small",
+        "train_subset": 8000,
+        "val_subset": 2000,
+        "epochs": 4,
+        "lr": 1e-3,
+        "seeds": [0, 1],
+        "widths": ["2/2", "3/3", "4/4"],
+        "group_count": 6,
+        "budget_bytes": 120.0,
+    }
+    payload = {"quick": True, "settings": settings, "arms": arms, **analysis}
+    lines = report.mixed_section(payload)
+    text = "\n".join(lines)
+    assert lines[0] == "### Mixed precision vs uniform widths (`benchmarks/mixed_precision.py`)"
+    assert "within uniform W3A3's 120 bytes (3 configurations over it rejected before training)" in text
+    assert f"| mixed | 4 | 16 | 3 | {analysis['hypervolume']['mixed']:.4f} | 80 |" in lines
+    assert "| W2A2: 100 | 79.00 | 78.50 ± 0.71 | - | - | - | - |" in lines
+    assert "| W3A3: 120 | 80.35 | 80.15 ± 0.28 | 80.85 | 120 | +0.50 | attn 4, mlp 2 |" in lines
+    assert "| 0.75 x W4A4: 105 | 82.00 | - | 80.00 | 105 | -2.00 | attn 3, mlp 2 |" in lines
+    assert [line for line in lines if line.startswith("| 1")] == [
+        "| 105 | 80.00 | attn 3, mlp 2 |",
+        "| 120 | 80.85 | attn 4, mlp 2 |",
+        "| 121 | 84.00 | attn 2, mlp 2 |",
+    ]
+    assert "- mixed reaches uniform W4A4's 82.00 at <= 105 bytes (75 %): 80.00 (**missed**)" in lines
+    assert "- mixed beats uniform W3A3 by >= 0.5 points (80.85) at <= 120 bytes: 80.85 (met)" in lines
+    assert "- target (either): met" in lines
+
+
+def test_report_renders_the_multi_objective_sweep_table_and_targets() -> None:
+    def row(hv: float, trial_epochs: int, stopped: int, wall_s: float, trials: int = 3) -> dict[str, Any]:
+        points = [{"trial_id": str(i), "status": "completed", "top1": 80.0, "bytes": 1e5} for i in range(trials)]
+        return {"points": points, "hypervolume": hv, "trial_epochs": trial_epochs, "stopped": stopped, "wall_s": wall_s}
+
+    payload = {
+        "quick": True,
+        "reference_point": {"top1": 10.0, "bytes": 1.1 * 2**20},
+        "hypervolume_unit": "top-1 points x MiB",
+        "results": {
+            "full budget": row(2.0, 108, 0, 500),
+            "ASHA (top-1)": row(1.8, 40, 8, 250),
+            "MO-ASHA": row(1.97, 50, 7, 300),
+        },
+        "ratios": {"moasha_hv_fraction": 0.985, "moasha_epoch_fraction": 50 / 108, "moasha_wall_fraction": 0.6},
+        "targets": {
+            "moasha_hv_at_least_98pct": True,
+            "moasha_at_most_50pct_epochs": True,
+            "moasha_hv_above_asha": True,
+        },
+    }
+    lines = report.sweep_mo_section(payload)
+    text = "\n".join(lines)
+    assert "reference point top-1 10 % (chance), 1.100 MiB" in text
+    assert "| MO-ASHA | 3 | 1.970 | 0.985 | 50 | 46 % | 7 | 300 |" in lines
+    assert "| full budget | 3 | 2.000 | 1.000 | 108 | 100 % | 0 | 500 |" in lines
+    assert "- MO-ASHA's hypervolume is 98.5 % of the full budget's (target >= 98 %: met)" in lines
+    assert "- with 46 % of its trial-epochs (target <= 50 %: met) and 60 % of its wall time" in lines
+    payload["targets"]["moasha_hv_above_asha"] = False
+    assert "- MO-ASHA 1.970 vs ASHA on top-1 1.800 (target above: **missed**)" in report.sweep_mo_section(payload)
+
+
+def test_report_leaves_out_the_sections_whose_json_is_missing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(report, "RESULTS", str(tmp_path))
+    assert report.sweep_mo_section() == [] and report.mixed_section() == []
+    text = report.render()
+    assert "Multi-objective early stopping" not in text and "Mixed precision" not in text
+    assert "### Sweep efficiency (`benchmarks/sweep_efficiency.py`)\n\nNot run yet." in text  # the others say so
