@@ -92,13 +92,17 @@ def model_from_checkpoint(path: str) -> tuple[nn.Module, dict[str, Any]]:
 def load_model(source: str, *, tracking_uri: str | None = None, runs_dir: str = "ofq-runs") -> nn.Module:
     """Loads a trained model (eval mode) from a checkpoint path or an MLflow URI.
 
-    Example:
-        >>> model = load_model("models:/fmnist-cga@champion", tracking_uri="sqlite:///ofq-runs/mlflow.db")
-    """
-    path = source
-    if source.startswith(("runs:/", "models:/", "mlflow-artifacts:/")):
-        from .tracking import download_artifacts, resolve_tracking_uri
+    An MLflow URI is fetched through the tracking store (over HTTP from a tracking server such as
+    ``ofq-ray ui``) into a temporary folder that is removed once the model is built.
 
-        path = download_artifacts(source, tracking_uri=resolve_tracking_uri(tracking_uri, os.path.abspath(runs_dir)))
-    model, _ = model_from_checkpoint(path)
+    Example:
+        >>> model = load_model("models:/fmnist-cga@champion", tracking_uri="http://127.0.0.1:5000")
+    """
+    if not source.startswith(("runs:/", "models:/", "mlflow-artifacts:/")):
+        return model_from_checkpoint(source)[0]
+    from .tracking import download_artifacts, resolve_tracking_uri
+
+    uri = resolve_tracking_uri(tracking_uri, os.path.abspath(runs_dir))
+    with tempfile.TemporaryDirectory(prefix="ofq-ray-model-") as folder:
+        model, _ = model_from_checkpoint(download_artifacts(source, folder, tracking_uri=uri))
     return model

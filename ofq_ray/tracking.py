@@ -44,6 +44,7 @@ __all__ = [
     "PARENT_RUN_TAG",
     "RUN_STATUSES",
     "RunTracker",
+    "artifact_bytes",
     "default_tracking_uri",
     "download_artifacts",
     "ensure_experiment",
@@ -142,7 +143,9 @@ def ensure_experiment(uri: str, name: str, runs_dir: str) -> str:
     For local stores (sqlite, other databases, file) a new experiment gets the absolute artifact
     location ``file://<runs_dir>/mlartifacts/<name>``; otherwise MLflow would put artifacts in a
     folder relative to the current directory of whichever process logs first. Tracking servers
-    (``http(s)://``) choose the location themselves. An existing experiment keeps its location.
+    (``http(s)://``) choose the location themselves: ``mlflow-artifacts:/<id>`` on a server that proxies
+    artifacts (``ofq-ray ui``), so every upload and download goes through it over HTTP and ``runs_dir``
+    need not exist here. An existing experiment keeps its location.
     A new experiment is tagged as model training (``EXPERIMENT_TAGS``).
     Two processes creating the same experiment at once both get its id.
 
@@ -453,7 +456,8 @@ class RunTracker:
 
     @property
     def artifact_uri(self) -> str:
-        """Root URI of the run's artifacts (``file:///...`` for local stores)."""
+        """Root URI of the run's artifacts (``file:///...`` for local stores, ``mlflow-artifacts:/...`` on a
+        server that proxies them)."""
         if self._artifact_uri is None:
             self._artifact_uri = str(self._client.get_run(self.run_id).info.artifact_uri)
         return self._artifact_uri
@@ -550,8 +554,37 @@ def download_artifacts(uri: str, dst: str | None = None, *, tracking_uri: str) -
     if scheme == "file":
         return _local_path(uri, urllib.request.url2pathname(parsed.path), dst)
     if scheme in _REMOTE_ARTIFACT_SCHEMES:
+        _check_artifacts_reachable(uri, tracking_uri, repr(uri))
         return _download_with_mlflow(uri, uri, dst, tracking_uri)
     return _local_path(uri, uri, dst)
+
+
+def artifact_bytes(tracking_uri: str, run_ids: Sequence[str]) -> int:
+    """Total size of the runs' artifacts, listed through the store (so also behind a tracking server, where
+    the files are not on this machine). Unknown runs count 0.
+
+    Example:
+        >>> artifact_bytes("http://127.0.0.1:5000", [trial["run_id"] for trial in trials])  # doctest: +SKIP
+        67990366
+    """
+    client = _client(tracking_uri)
+    total = 0
+    for run_id in run_ids:
+        try:
+            run = client.get_run(run_id)
+        except Exception as error:
+            if _error_code(error) in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
+                continue
+            raise
+        _check_artifacts_reachable(run.info.artifact_uri, tracking_uri, f"run {run_id}")
+        folders: list[str | None] = [None]
+        while folders:
+            for info in client.list_artifacts(run_id, folders.pop()):
+                if info.is_dir:
+                    folders.append(info.path)
+                else:
+                    total += int(info.file_size or 0)
+    return total
 
 
 def sanitize_model_name(name: str) -> str:
@@ -610,7 +643,8 @@ def register_checkpoint(
     _check_alias(alias)
     client = _client(tracking_uri)
     source = f"runs:/{run_id}/{artifact_path.strip('/')}"
-    _get_run_or_raise(client, run_id, f"{source!r}: run {run_id!r}")
+    run = _get_run_or_raise(client, run_id, f"{source!r}: run {run_id!r}")
+    _check_artifacts_reachable(run.info.artifact_uri, tracking_uri, repr(source))
     if not _run_artifact_exists(client, run_id, artifact_path.strip("/")):
         raise TrackingError(f"{source!r}: run {run_id} has no artifact {artifact_path!r}")
     try:
@@ -731,6 +765,16 @@ def _get_run_or_raise(client: MlflowClient, run_id: str, what: str) -> Any:
         raise
 
 
+def _check_artifacts_reachable(artifact_uri: str, tracking_uri: str, what: str) -> None:
+    """A one-line error instead of MLflow's paragraph when artifacts live behind a tracking server
+    (``mlflow-artifacts:/``) but the store is opened directly (its sqlite file) rather than through it."""
+    if urllib.parse.urlparse(artifact_uri).scheme == "mlflow-artifacts" and not _is_server_uri(tracking_uri):
+        raise TrackingError(
+            f"{what}: the artifacts are on an MLflow server ({artifact_uri}); use the server as tracking URI "
+            "(MLFLOW_TRACKING_URI=http://<host>:<port>, e.g. where `ofq-ray ui` serves this store)"
+        )
+
+
 def _run_artifact_exists(client: MlflowClient, run_id: str, artifact_path: str) -> bool:
     if not artifact_path:
         return True
@@ -800,7 +844,8 @@ def _download_with_mlflow(label: str, artifact_uri: str, dst: str | None, tracki
 def _download_run_artifact(
     client: MlflowClient, tracking_uri: str, label: str, run_id: str, artifact_path: str, dst: str | None
 ) -> str:
-    _get_run_or_raise(client, run_id, f"{label!r}: run {run_id!r}")
+    run = _get_run_or_raise(client, run_id, f"{label!r}: run {run_id!r}")
+    _check_artifacts_reachable(run.info.artifact_uri, tracking_uri, repr(label))
     if not _run_artifact_exists(client, run_id, artifact_path):
         raise TrackingError(f"{label!r}: run {run_id} has no artifact {artifact_path!r}")
     import mlflow.artifacts
@@ -866,6 +911,7 @@ def _download_model_artifact(tracking_uri: str, uri: str, dst: str | None) -> st
     if urllib.parse.urlparse(target_uri).scheme in ("file", ""):
         local = urllib.request.url2pathname(urllib.parse.urlparse(target_uri).path)
         return _local_path(uri, local, dst)
+    _check_artifacts_reachable(target_uri, tracking_uri, repr(uri))
     return _download_with_mlflow(uri, target_uri, dst, tracking_uri)
 
 

@@ -204,7 +204,7 @@ def test_after_the_sweep_the_parent_shows_the_summary_and_the_best_trial_and_the
     context = _context(tmp_path, delete_stopped=False, metric="val/top1", mode="max")
     context.update(shared_source=None, ranked_from_epoch=0, optuna_storage=f"sqlite:///{tmp_path / 'optuna.db'}")
     optuna.create_study(study_name=TUNE_NAME, storage=context["optuna_storage"], direction="maximize")
-    _finished_trial(context, "ab12_00000", 1e-4, [50.0, 60.0, 55.0], tmp_path)
+    other_run = _finished_trial(context, "ab12_00000", 1e-4, [50.0, 60.0, 55.0], tmp_path)
     best_run = _finished_trial(context, "ab12_00001", 3.2e-4, [52.0, 71.5, 70.0], tmp_path)
     grid = [
         _Result(str(tmp_path / "ray" / "ab12_00000"), {"optim.lr": 1e-4}),
@@ -215,6 +215,9 @@ def test_after_the_sweep_the_parent_shows_the_summary_and_the_best_trial_and_the
     lines: list[str] = []
     result = summarize(sweep, grid, context, parent, lines.append)
     assert result.best is not None and result.best["run_id"] == best_run
+    # checkpoints kept: the trials' artifacts (no Ray folder here), counted through the store
+    stored = [p for p in Path(context["runs_dir"]).rglob("*") if p.is_file() and {other_run, best_run} & set(p.parts)]
+    assert result.bytes_kept == sum(p.stat().st_size for p in stored) > 0
 
     run = _run(context, parent.run_id)
     note = run.data.tags["mlflow.note.content"]

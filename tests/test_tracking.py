@@ -16,6 +16,7 @@ from ofq_ray.tracking import (
     MAX_TAG_VALUE_LENGTH,
     PARENT_RUN_TAG,
     RunTracker,
+    artifact_bytes,
     default_tracking_uri,
     download_artifacts,
     ensure_experiment,
@@ -272,7 +273,8 @@ def make_checkpoint_dir(root: Path, content: str) -> Path:
 
 def test_log_artifact_and_download_artifacts(store: Store, tmp_path: Path) -> None:
     tracker = store.tracker("exp-artifacts")
-    tracker.log_artifact(str(make_checkpoint_dir(tmp_path / "out", "weights")))  # lands in checkpoint/
+    made = make_checkpoint_dir(tmp_path / "out", "weights")
+    tracker.log_artifact(str(made))  # lands in checkpoint/
     (tmp_path / "plot.txt").write_text("plot")
     tracker.log_artifact(str(tmp_path / "plot.txt"), "plots")
     with pytest.raises(FileNotFoundError):
@@ -286,6 +288,9 @@ def test_log_artifact_and_download_artifacts(store: Store, tmp_path: Path) -> No
     assert copied == str(tmp_path / "dst" / "plot.txt") and Path(copied).read_text() == "plot"
     whole = Path(download_artifacts(f"runs:/{tracker.run_id}", tracking_uri=store.uri))
     assert (whole / "checkpoint" / "config.yaml").is_file() and (whole / "plots" / "plot.txt").is_file()
+    # sizes listed through the store; a run that does not exist counts nothing
+    expected = sum(p.stat().st_size for p in Path(made).rglob("*") if p.is_file()) + len("plot")
+    assert artifact_bytes(store.uri, [tracker.run_id, "0123456789abcdef"]) == expected
 
     plain = str(tmp_path / "plot.txt")
     assert download_artifacts(plain, tracking_uri=store.uri) == plain

@@ -124,7 +124,7 @@ def summarize(sweep: Sweep, grid: Any, context: dict[str, Any], parent: Any, log
     if best is not None:
         _log_best_metrics(client, parent.run_id, best["run_id"], best["best_epoch"])
     pareto = _pareto_front(trials, sweep) if sweep.tune.multi_objective else []
-    bytes_kept = _bytes_kept(runs_dir, context["tune_name"], sweep.experiment)
+    bytes_kept = _bytes_kept(runs_dir, context["tune_name"], uri, [t["run_id"] for t in trials if t["run_id"]])
     result = SweepResult(sweep.name, parent.run_id, uri, trials, best, champion, 0.0, bytes_kept, pareto)
     if sweep.tune.constraints:
         result.rejected, result.budget_stop = _rejections(context)
@@ -179,14 +179,18 @@ def _folder_bytes(path: str) -> int:
     return total
 
 
-def _bytes_kept(runs_dir: str, tune_name: str, experiment: str) -> int:
+def _bytes_kept(runs_dir: str, tune_name: str, uri: str, run_ids: list[str]) -> int:
+    """Ray's checkpoints of this sweep plus its trials' MLflow artifacts, listed through the tracking store:
+    behind a tracking server they are not under this machine's runs folder."""
+    from ..tracking import artifact_bytes
+
     root = os.path.join(runs_dir, "ray")
     ray_bytes = sum(
         _folder_bytes(os.path.join(root, d))
         for d in (os.listdir(root) if os.path.isdir(root) else [])
         if d.startswith(f"{tune_name}-")
     )
-    return ray_bytes + _folder_bytes(os.path.join(runs_dir, "mlartifacts", experiment))
+    return ray_bytes + artifact_bytes(uri, run_ids)
 
 
 def _pareto_front(trials: list[dict[str, Any]], sweep: Sweep) -> list[dict[str, Any]]:
