@@ -10,6 +10,7 @@ import argparse
 import json
 import os
 import sys
+import urllib.parse
 from collections.abc import Callable
 from typing import Any
 
@@ -157,8 +158,23 @@ def cmd_best(args: argparse.Namespace) -> int:
 
 
 def cmd_ui(args: argparse.Namespace) -> int:
+    """``mlflow server`` over the runs folder's store, proxying artifacts: the one process that opens the
+    sqlite file, and the tracking server every process (and every node) logs and uploads through."""
+    from .tracking import ARTIFACTS_DIR_NAME, default_tracking_uri
+
+    def is_server(uri: str) -> bool:
+        return urllib.parse.urlparse(uri).scheme in ("http", "https", "databricks")
+
+    if args.tracking_uri and is_server(args.tracking_uri):
+        raise UsageError(
+            f"--tracking-uri: {args.tracking_uri} is a tracking server already (open it in a browser); "
+            "`ofq-ray ui` serves a database store, by default the runs folder's sqlite file"
+        )
     uri = _tracking(args)
-    artifacts = "file://" + os.path.join(os.path.abspath(args.runs_dir), "mlartifacts")
+    if is_server(uri):  # MLFLOW_TRACKING_URI names where clients log, likely this very server: serve the folder
+        uri = default_tracking_uri(os.path.abspath(args.runs_dir))
+    artifacts = os.path.join(os.path.abspath(args.runs_dir), ARTIFACTS_DIR_NAME)
+    os.makedirs(artifacts, exist_ok=True)
     command = [
         sys.executable,
         "-m",
@@ -166,17 +182,28 @@ def cmd_ui(args: argparse.Namespace) -> int:
         "server",
         "--backend-store-uri",
         uri,
-        "--default-artifact-root",
+        # New experiments get mlflow-artifacts:/ locations: clients upload and download over HTTP, and the
+        # server keeps the files under <runs_dir>/mlartifacts. Experiments a local store created earlier keep
+        # their file:// locations; the server reads those folders directly, so the UI still shows them.
+        "--serve-artifacts",
+        "--artifacts-destination",
         artifacts,
         "--host",
         args.host,
         "--port",
         str(args.port),
+        "--workers",
+        str(args.workers),
     ]
+    # MLflow 3.x's server also starts a job runner and three task queues for its GenAI features (scorers,
+    # trace roll-ups), none of which a training store uses: off unless the user asks for them.
+    os.environ.setdefault("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")
     print(
-        f"MLflow UI on http://{args.host}:{args.port} (store {uri}); Ctrl-C stops it\n"
-        "  (MLflow 3.x may open an experiment in its GenAI view: choose 'Model training' in its "
-        "GenAI / Model training switch, or add ?workflowType=machine_learning to the experiment's URL)",
+        f"MLflow UI and tracking server on http://{args.host}:{args.port} (store {uri}, artifacts {artifacts}); "
+        f"Ctrl-C stops it\n"
+        f"  log through it with MLFLOW_TRACKING_URI=http://{args.host}:{args.port}\n"
+        "  MLflow 3.x opens in its GenAI view: pick 'Model training' once in the GenAI / Model training switch "
+        "on the home page (the browser keeps it), or add ?workflowType=machine_learning to a page's URL",
         flush=True,
     )
     os.execv(sys.executable, command)
@@ -251,8 +278,9 @@ def build_parser() -> argparse.ArgumentParser:
     _store_options(best)
     best.set_defaults(func=cmd_best)
     ui = commands.add_parser("ui", help="the MLflow UI over the project's store, on 127.0.0.1")
-    ui.add_argument("--host", default="127.0.0.1")
+    ui.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1: this machine only)")
     ui.add_argument("--port", type=int, default=5000)
+    ui.add_argument("--workers", type=int, default=2, help="server worker processes (default 2)")
     _store_options(ui)
     ui.set_defaults(func=cmd_ui)
     export = commands.add_parser("export", help="packed integer codes + scales of a quantized checkpoint")
