@@ -5,6 +5,8 @@ VENV := .venv
 BIN := $(VENV)/bin
 INSTALLED := $(VENV)/.installed
 DATASET := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
+# Debian's Chromium: the browser the MLflow UI tests drive through Playwright (never `playwright install`).
+CHROMIUM := /usr/bin/chromium
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 export RAY_AUTH_MODE ?= disabled
 
@@ -20,7 +22,10 @@ $(DATASET):
 	$(SUDO) apt-get install -y dataset-fashion-mnist || \
 		($(SUDO) apt-get update && $(SUDO) apt-get install -y dataset-fashion-mnist)
 
-setup: $(INSTALLED) $(DATASET)
+$(CHROMIUM):
+	$(SUDO) apt-get install -y chromium || ($(SUDO) apt-get update && $(SUDO) apt-get install -y chromium)
+
+setup: $(INSTALLED) $(DATASET) $(CHROMIUM)
 
 sweep: setup
 	$(BIN)/ofq-ray tune search_spaces/cga.yaml
@@ -34,4 +39,4 @@ lint: setup
 	$(BIN)/mypy ofq_ray
 
 clean:
-	rm -rf ofq-runs .pytest_cache .mypy_cache .ruff_cache
+	rm -rf ofq-runs test-output .pytest_cache .mypy_cache .ruff_cache

@@ -1,5 +1,6 @@
 """`ofq-ray ui` as the one MLflow server: this process logs, uploads, registers and downloads only over HTTP;
-the server alone opens the sqlite file and keeps the artifacts under <runs_dir>/mlartifacts. No Ray."""
+the server alone opens the sqlite file and keeps the artifacts under <runs_dir>/mlartifacts. Then the MLflow
+UI in headless Chromium on what was logged (tests/browser.py). No Ray."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from browser import browser_page, check_sweep_ui
 from mlflow import MlflowClient
 
 from ofq_ray.checkpoint import STATE_FILE, build_model, load_model, save_checkpoint
@@ -34,6 +36,8 @@ from ofq_ray.tracking import (
 
 pytestmark = pytest.mark.integration
 
+REPO = Path(__file__).resolve().parent.parent
+SHOTS = REPO / "test-output" / "test_server"  # git-ignored; kept after the run to look at
 EXPERIMENT = "served"
 MODEL = "served-champion"
 CONFIG = {
@@ -240,3 +244,9 @@ def test_runs_log_upload_register_and_download_through_the_server(server: Server
     assert openers, "the server should hold its database open"
     assert os.getpid() not in openers
     assert all(_group(pid) == server.process.pid for pid in openers), openers
+
+
+def test_the_ui_shows_the_sweep_and_its_champion_in_a_browser(server: Server, sweep: Sweep) -> None:
+    with browser_page() as page:
+        check_sweep_ui(server.url, EXPERIMENT, MODEL, SHOTS, page=page)
+    assert {p.name for p in SHOTS.glob("*.png")} >= {"runs.png", "parent.png", "plots.png", "model.png"}
