@@ -86,7 +86,8 @@ def check_sweep_ui(
         base_url: The MLflow server (``http://127.0.0.1:PORT``); what to expect is read from its REST API.
         experiment: The sweep's experiment (``sweep.experiment``).
         model_name: Its registered model (``sanitize_model_name(sweep.name)``).
-        shots_dir: Folder for the screenshots (created).
+        shots_dir: Folder for the screenshots (created). The trials must fit the page (about 20 rows): the runs table
+            only renders the rows in view.
         page: A page to reuse (:func:`browser_page`); by default one Chromium is started for this call.
     """
     if page is None:
