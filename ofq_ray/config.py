@@ -39,6 +39,7 @@ EPOCH_METRICS = (
     "model/size_bytes",
     "model/bitops",
     "epoch",
+    "time/epoch_s",
 )
 CGA_METRICS = ("cga/frozen_frac",)
 # Words people use for a metric that spelling alone cannot match ("val/accuracy" is not close to "val/top1").

@@ -423,6 +423,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     from .quant.cost import model_cost
     from .tracking import RunTracker
 
+    entered = time.perf_counter()
     _quiet_ray_train_reports()
     config = config_from_dict(loop_config["config"])
     info = DatasetInfo(**loop_config["data_info"])
@@ -453,8 +454,11 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     run = RunTracker(loop_config["tracking_uri"], loop_config["run_id"]) if rank == 0 else None
     if run is not None and history:
         run.sync_history(history)  # epochs checkpointed before a crash but not yet logged
+    if run is not None:  # what a run costs before its first step (a sweep's per-trial overhead has it)
+        run.set_tags({f"ofq.worker_setup_s.{config.stage}": f"{time.perf_counter() - entered:.2f}"})
 
     for epoch in range(start_epoch, config.epochs):
+        epoch_started = time.perf_counter()
         train_loader.set_epoch(epoch)
         metrics = train_one_epoch(
             model,
@@ -480,6 +484,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             metrics["cga/frozen_frac"] = cga.frozen_fraction()
         metrics.update(costs)  # model/size_bytes, model/bitops
         metrics["epoch"] = float(offset + epoch)
+        metrics["time/epoch_s"] = time.perf_counter() - epoch_started  # training + evaluation
         history.append(metrics)
         if run is not None:
             # Logged before the report: a scheduler may stop the trial as soon as it sees the report.

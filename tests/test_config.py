@@ -176,7 +176,7 @@ def test_rank_best_prefers_the_earliest_on_ties_and_skips_nan() -> None:
         (
             ["tune.metric=val/accuracy"],
             "tune.metric: 'val/accuracy' is not reported by a qat trial; allowed: train/loss, train/top1, lr, "
-            "throughput/img_s, val/top1, val/top5, val/loss, model/size_bytes, model/bitops, epoch, "
+            "throughput/img_s, val/top1, val/top5, val/loss, model/size_bytes, model/bitops, epoch, time/epoch_s, "
             "osc/mean_freq, osc/frac_gt_0.005, osc/frac_gt_0.01, osc/flip_rate (did you mean 'val/top1'?)",
         ),
         (["tune.metric=[val/top1, model/bytes]", "tune.mode=[max, min]"], "tune.metric: 'model/bytes' is not reported"),
