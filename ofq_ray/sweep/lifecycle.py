@@ -12,7 +12,7 @@ from ray.tune import Callback
 
 from ..config import RankConfig
 from .spec import Sweep
-from .stages import _PLACEHOLDER, stage_config
+from .stages import stage_config
 from .summary import _short
 
 # --- the trial ---------------------------------------------------------------------------------------------
@@ -80,9 +80,7 @@ def _child_run(context: dict[str, Any], trial_id: str, run_name: str, values: di
     found = _trial_run(context, trial_id)  # a restarted trial keeps its run
     if found is not None:
         return str(found["run_id"])
-    config = stage_config(
-        sweep, context["trial_stages"][-1], values, init_from=context["shared_source"] or _PLACEHOLDER
-    )
+    config = stage_config(sweep, context["trial_stages"][-1], values, init_from=context["shared_source"])
     params = {f"search.{k}": str(v) for k, v in values.items()}
     params.update(flatten(config.to_dict()))
     tracker = RunTracker.create(
