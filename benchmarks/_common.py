@@ -196,6 +196,38 @@ def frozen_teacher(fp: nn.Module) -> nn.Module:
     return copy.deepcopy(fp).eval().requires_grad_(False)
 
 
+REFERENCE_TOP1 = 10.0  # a top-1 vs bytes front's reference: chance on 10 classes
+
+
+def hypervolume(points: list[tuple[float, float]], reference: tuple[float, float]) -> float:
+    """Area dominated by (top-1 to maximize, bytes to minimize) points and bounded by ``reference``."""
+    ref_top1, ref_bytes = reference
+    front = sorted((b, t) for t, b in points if t > ref_top1 and b < ref_bytes)  # by bytes, smallest first
+    area, best_top1 = 0.0, ref_top1
+    for index, (size, top1) in enumerate(front):
+        best_top1 = max(best_top1, top1)
+        next_size = front[index + 1][0] if index + 1 < len(front) else ref_bytes
+        area += (next_size - size) * (best_top1 - ref_top1)
+    return area
+
+
+def trial_points(result: Any) -> list[dict[str, Any]]:
+    """A finished sweep's trials as (top-1 at its best epoch, packed bytes) points, with their searched
+    values; trials without a result (errored before an epoch) are left out."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(result.tracking_uri)
+    points = []
+    for t in result.trials:
+        if t["best"] is None or t["run_id"] is None:
+            continue
+        size = client.get_run(t["run_id"]).data.metrics["model/size_bytes"]
+        points.append(
+            {"trial_id": t["trial_id"], "status": t["status"], "top1": t["best"], "bytes": size, "config": t["config"]}
+        )
+    return points
+
+
 def machine() -> dict[str, Any]:
     return {
         "cpu": platform.processor() or platform.machine(),

@@ -4,7 +4,9 @@
     python benchmarks/report.py --check    # exits 1 if README.md is out of date with the JSON
 
 Reads benchmarks/results/{step_speed_*,oscillation,accuracy,sweep_efficiency}.json; a benchmark
-whose JSON is missing is listed as not run. Also draws docs/<name>.png for step_speed JSON files that
+whose JSON is missing is listed as not run. The multi-objective sweep efficiency
+(sweep_efficiency_mo.json) and mixed precision (mixed_precision.json) sections appear once their
+JSON exists. Also draws docs/<name>.png for step_speed JSON files that
 have no plot yet (the GPU results come back from a bare machine without matplotlib output).
 """
 
@@ -308,13 +310,143 @@ def sweep_section() -> list[str]:
     return lines
 
 
+def sweep_mo_section(data: dict[str, Any] | None = None) -> list[str]:
+    """The multi-objective sweep-efficiency table, from ``data`` or sweep_efficiency_mo.json; nothing if not run."""
+    data = _load("sweep_efficiency_mo") if data is None else data
+    if data is None:
+        return []
+    results, ratios, targets = data["results"], data["ratios"], data["targets"]
+    reference, unit = data["reference_point"], data["hypervolume_unit"]
+    full = results["full budget"]
+    lines = [
+        "### Multi-objective early stopping (`benchmarks/sweep_efficiency.py --multi-objective`)",
+        "",
+        f"{_mode(data)}: the same seeded random configurations (learning rate; W2A2, W3A3 or W4A4) searched for "
+        "top-1 (max) and model bytes (min), run to the full budget, under ASHA on top-1 alone and under MO-ASHA "
+        "(each rung keeps the trials best by non-dominated rank), 2 trials at a time on local Ray. Each is scored "
+        "by the hypervolume of its final front (every trial at its best epoch; a stopped trial's top-1 is a lower "
+        f"bound) against the reference point top-1 {reference['top1']:g} % (chance), "
+        f"{reference['bytes'] / 2**20:.3f} MiB (1.1 x the largest model), in {unit}.",
+        "",
+        "| schedule | trials | hypervolume | vs full | trial-epochs | vs full | stopped | wall s |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for label, row in results.items():
+        lines.append(
+            f"| {label} | {len(row['points'])} | {row['hypervolume']:.3f} "
+            f"| {row['hypervolume'] / full['hypervolume']:.3f} | {row['trial_epochs']} "
+            f"| {100 * row['trial_epochs'] / full['trial_epochs']:.0f} % | {row['stopped']} | {row['wall_s']:.0f} |"
+        )
+    lines += [
+        "",
+        f"- MO-ASHA's hypervolume is {100 * ratios['moasha_hv_fraction']:.1f} % of the full budget's "
+        f"(target >= 98 %: {_verdict(targets['moasha_hv_at_least_98pct'])})",
+        f"- with {100 * ratios['moasha_epoch_fraction']:.0f} % of its trial-epochs "
+        f"(target <= 50 %: {_verdict(targets['moasha_at_most_50pct_epochs'])}) and "
+        f"{100 * ratios['moasha_wall_fraction']:.0f} % of its wall time",
+        f"- MO-ASHA {results['MO-ASHA']['hypervolume']:.3f} vs ASHA on top-1 "
+        f"{results['ASHA (top-1)']['hypervolume']:.3f} (target above: {_verdict(targets['moasha_hv_above_asha'])})",
+        "",
+        "![multi-objective early stopping](docs/sweep_efficiency_mo.png)",
+        "",
+    ]
+    return lines
+
+
+def _width(width: str) -> str:
+    weight, act = width.split("/")
+    return f"W{weight}A{act}"
+
+
+def _num(value: float | None, spec: str = ".2f") -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def mixed_section(data: dict[str, Any] | None = None) -> list[str]:
+    """The mixed-precision vs uniform tables, from ``data`` or mixed_precision.json; nothing if not run."""
+    data = _load("mixed_precision") if data is None else data
+    if data is None:
+        return []
+    settings, arms, widths = data["settings"], data["arms"], data["widths"]
+    reference, checks, targets = data["reference_point"], data["checks"], data["targets"]
+    choices = ", ".join(_width(w) for w in settings["widths"])
+    budget = settings["budget_bytes"]
+    within = (
+        f", within uniform W3A3's {budget:.0f} bytes ({arms['mixed']['rejected']} configurations over it "
+        "rejected before training)"
+        if budget is not None
+        else ", no size budget"
+    )
+    lines = [
+        "### Mixed precision vs uniform widths (`benchmarks/mixed_precision.py`)",
+        "",
+        f"{_mode(data)}: {settings['model']} QAT with QKR on {settings['train_subset']} Fashion-MNIST training and "
+        f"{settings['val_subset']} test images, every trial {settings['epochs']} epochs (lr {settings['lr']:g}, no "
+        "early stopping) from one cached FP model. Uniform: "
+        f"{choices}, each with {len(settings['seeds'])} QAT seeds; mixed: NSGA-II on top-1 and bytes over one "
+        f"width ({choices}) per attention and per MLP of each block ({settings['group_count']} groups){within}; "
+        f"the same number of trials. Hypervolume against top-1 {reference['top1']:g} %, "
+        f"{reference['bytes'] / 2**20:.3f} MiB (1.1 x the largest model), in {data['hypervolume_unit']}.",
+        "",
+        "| arm | trained trials | trial-epochs | rejected | hypervolume | wall s |",
+        "|---|---|---|---|---|---|",
+    ]
+    for arm, row in arms.items():
+        lines.append(
+            f"| {arm} | {row['trained']} | {row['trial_epochs']} | {row['rejected']} | {row['hypervolume']:.4f} "
+            f"| {row['wall_s']:.0f} |"
+        )
+    lines += [
+        "",
+        "Best top-1 at each uniform width's bytes or fewer (uniform: the best seed, with the mean ± std over "
+        "seeds); the mixed arm's widths per block:",
+        "",
+        "| bytes at most | uniform top-1 | uniform mean ± std | mixed best | its bytes | mixed - uniform "
+        "| its widths |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    spread = {_width(w): row for w, row in widths.items()}
+    for row in data["comparison"]:
+        seeds = spread.get(row["label"])
+        pm = f"{seeds['mean']:.2f} ± {_num(seeds['std'])}" if seeds else "-"
+        difference = "-" if row["difference"] is None else f"{row['difference']:+.2f}"
+        lines.append(
+            f"| {row['label']}: {row['bytes']:.0f} | {row['uniform_top1']:.2f} | {pm} | {_num(row['mixed_top1'])} "
+            f"| {_num(row['mixed_bytes'], '.0f')} | {difference} | {row['mixed_widths'] or '-'} |"
+        )
+    lines += ["", "The mixed arm's front:", "", "| bytes | top-1 | widths |", "|---|---|---|"]
+    for point in data["fronts"]["mixed"]:
+        lines.append(f"| {point['bytes']:.0f} | {point['top1']:.2f} | {point['widths']} |")
+    a, b = checks["w4a4_top1_at_75pct_bytes"], checks["w3a3_plus_0.5_at_its_bytes"]
+    lines += [
+        "",
+        f"- mixed reaches uniform W4A4's {a['needed_top1']:.2f} at <= {a['max_bytes']:.0f} bytes (75 %): "
+        f"{_num(a['mixed_top1'])} ({_verdict(targets['w4a4_top1_at_75pct_bytes'])})",
+        f"- mixed beats uniform W3A3 by >= 0.5 points ({b['needed_top1']:.2f}) at <= {b['max_bytes']:.0f} bytes: "
+        f"{_num(b['mixed_top1'])} ({_verdict(targets['w3a3_plus_0.5_at_its_bytes'])})",
+        f"- target (either): {_verdict(targets['either'])}",
+        "",
+        "![mixed precision](docs/mixed_precision.png)",
+        "",
+    ]
+    return lines
+
+
 def render() -> str:
     lines = [
         START,
         "<!-- generated by `python benchmarks/report.py` from benchmarks/results/*.json; do not edit -->",
         "",
     ]
-    for section in (step_speed_section, oscillation_section, accuracy_section, sweep_section):
+    sections = (
+        step_speed_section,
+        oscillation_section,
+        accuracy_section,
+        sweep_section,
+        sweep_mo_section,
+        mixed_section,
+    )
+    for section in sections:
         lines += section()
     lines.append(END)
     return "\n".join(lines)

@@ -25,7 +25,7 @@ import argparse
 import os
 import time
 
-from _common import machine, publish, save_figure
+from _common import REFERENCE_TOP1, hypervolume, machine, publish, save_figure, trial_points
 
 from ofq_ray.sweep import run_sweep, sweep_from_dict
 
@@ -69,24 +69,9 @@ def spec(
 
 
 SEARCH_MO = {"optim.lr": {"loguniform": [1.0e-5, 3.0e-3]}, "quant.bits": {"choice": ["2/2", "3/3", "4/4"]}}
-REFERENCE_TOP1 = 10.0  # chance on 10 classes
-
-
-def hypervolume(points: list[tuple[float, float]], reference: tuple[float, float]) -> float:
-    """Area dominated by (top-1 to maximize, bytes to minimize) points and bounded by ``reference``."""
-    ref_top1, ref_bytes = reference
-    front = sorted((b, t) for t, b in points if t > ref_top1 and b < ref_bytes)  # by bytes, smallest first
-    area, best_top1 = 0.0, ref_top1
-    for index, (size, top1) in enumerate(front):
-        best_top1 = max(best_top1, top1)
-        next_size = front[index + 1][0] if index + 1 < len(front) else ref_bytes
-        area += (next_size - size) * (best_top1 - ref_top1)
-    return area
 
 
 def multi_objective(args: argparse.Namespace, runs_dir: str, stamp: str) -> int:
-    from mlflow.tracking import MlflowClient
-
     asha = {"asha": {"grace_period": 1, "reduction_factor": 3}}
     variants = (("full budget", "none", 2), ("ASHA (top-1)", asha, 1), ("MO-ASHA", asha, 2))
     results: dict = {}
@@ -95,15 +80,8 @@ def multi_objective(args: argparse.Namespace, runs_dir: str, stamp: str) -> int:
         sweep = sweep_from_dict(spec(f"mo-{slug}-{stamp}", scheduler, args.quick, runs_dir, SEARCH_MO, objectives))
         started = time.time()
         result = run_sweep(sweep, log=lambda text: None)
-        client = MlflowClient(result.tracking_uri)
-        points = []
-        for t in result.trials:
-            if t["best"] is None or t["run_id"] is None:
-                continue
-            size = client.get_run(t["run_id"]).data.metrics["model/size_bytes"]
-            points.append({"trial_id": t["trial_id"], "status": t["status"], "top1": t["best"], "bytes": size})
         results[label] = {
-            "points": points,
+            "points": trial_points(result),
             "trial_epochs": sum(t["epochs"] for t in result.trials),
             "stopped": sum(t["status"] == "stopped" for t in result.trials),
             "wall_s": time.time() - started,
