@@ -13,9 +13,10 @@ import json
 import math
 import os
 import re
+import types
 import typing
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import InitVar, dataclass, field
 from typing import IO, Any, TypeVar
 
 import yaml
@@ -39,6 +40,7 @@ EPOCH_METRICS = (
     "model/size_bytes",
     "model/bitops",
     "epoch",
+    "time/epoch_s",
 )
 CGA_METRICS = ("cga/frozen_frac",)
 # Words people use for a metric that spelling alone cannot match ("val/accuracy" is not close to "val/top1").
@@ -265,6 +267,11 @@ class RunConfig:
         default=1.0, metadata=_spec(low=0.0, strict=True, fingerprint=False, every_stage=True)
     )
     use_gpu: bool = field(default=False, metadata=_spec(every_stage=True))
+    # Custom Ray resources each worker also holds, e.g. {node_a: 0.1} to place the workers on the nodes that
+    # offer node_a (CPUs and GPUs are cpus_per_worker and use_gpu; see worker_resources).
+    resources: dict[str, float] = field(
+        default_factory=dict, metadata=_spec(low=0.0, fingerprint=False, every_stage=True)
+    )
     precision: str = field(default="fp32", metadata=_spec(choices=("fp32", "bf16"), shared_with=("pretrain", "qat")))
     compile: bool = field(default=False, metadata=_spec(shared_with=("pretrain", "qat")))
     seed: int = field(default=0, metadata=_spec(shared_with=("pretrain", "qat")))
@@ -273,8 +280,12 @@ class RunConfig:
     keep_checkpoints: int = field(default=2, metadata=_spec(low=1, fingerprint=False, every_stage=True))
     max_failures: int = field(default=2, metadata=_spec(low=0, fingerprint=False, every_stage=True))
     track_oscillation: bool = field(default=True, metadata=_spec(every_stage=True))
+    # Not a field: True for a stage of a sweep's chain whose init_from is the earlier stage's checkpoint,
+    # which exists only once that stage has trained; until then init_from may be None and
+    # :meth:`check_start` waits for the run (run_training calls it).
+    chained: InitVar[bool] = False
 
-    def __post_init__(self) -> None:
+    def __post_init__(self, chained: bool) -> None:
         from .data import DATASETS
         from .models import get_spec
 
@@ -292,6 +303,28 @@ class RunConfig:
                 f"batch_size: {self.batch_size} is not allowed with workers={self.workers}; "
                 "allowed: a multiple of workers (it is the global batch)"
             )
+        for name, setting in (("CPU", "cpus_per_worker"), ("GPU", "use_gpu")):
+            if name in self.resources:
+                raise ConfigError(
+                    f"resources.{name}: {self.resources[name]!r} is not allowed; allowed: custom resources "
+                    f"(set {setting})"
+                )
+        if not chained:
+            self.check_start()
+        if self.quant.layers:
+            self._check_layer_rules()
+        if self.stage == "cga" and self.quant.weight_quantizer != "statsq":
+            raise ConfigError("quant.weight_quantizer: CGA needs 'statsq'; allowed: statsq")
+        reported = reported_metrics(self.stage, self.track_oscillation)
+        if self.rank.metric not in reported:
+            raise ConfigError(
+                f"rank.metric: {self.rank.metric!r} is not reported by a {self.stage} run; "
+                f"allowed: {', '.join(reported)}{metric_hint(self.rank.metric, reported)}"
+            )
+
+    def check_start(self) -> None:
+        """A one-line error when the stage has nothing to start from: a cga stage needs init_from, a qat
+        stage with KD a teacher (kd.teacher, init_from or the pretrained weights)."""
         if self.stage == "cga" and self.init_from is None:
             raise ConfigError(
                 "init_from: None is not allowed for stage cga; allowed: a QAT checkpoint path or MLflow URI"
@@ -306,16 +339,6 @@ class RunConfig:
             raise ConfigError(
                 "kd.teacher: None is not allowed when kd.enabled and neither init_from nor model.pretrained(_path) "
                 "is set; allowed: an FP checkpoint path or MLflow URI (or set kd.enabled=false)"
-            )
-        if self.quant.layers:
-            self._check_layer_rules()
-        if self.stage == "cga" and self.quant.weight_quantizer != "statsq":
-            raise ConfigError("quant.weight_quantizer: CGA needs 'statsq'; allowed: statsq")
-        reported = reported_metrics(self.stage, self.track_oscillation)
-        if self.rank.metric not in reported:
-            raise ConfigError(
-                f"rank.metric: {self.rank.metric!r} is not reported by a {self.stage} run; "
-                f"allowed: {', '.join(reported)}{metric_hint(self.rank.metric, reported)}"
             )
 
     def _check_layer_rules(self) -> None:
@@ -336,6 +359,12 @@ class RunConfig:
     @property
     def has_pretrained(self) -> bool:
         return self.model.pretrained or self.model.pretrained_path is not None
+
+    @property
+    def worker_resources(self) -> dict[str, float]:
+        """What each Ray Train worker holds (ScalingConfig's resources_per_worker): its CPUs, one GPU with
+        use_gpu, and the custom resources."""
+        return {"CPU": self.cpus_per_worker, **({"GPU": 1.0} if self.use_gpu else {}), **self.resources}
 
     @property
     def quantized(self) -> bool:
@@ -386,34 +415,77 @@ def run_fields(
 # --- parsing ---------------------------------------------------------------------------------------------
 
 
+def _members(hint: Any) -> tuple[Any, ...]:
+    """The types ``hint`` allows: a union's members, else ``hint`` itself."""
+    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
+        return typing.get_args(hint)
+    return (hint,)
+
+
+def _shape(kind: Any) -> type:
+    """How a value of ``kind`` is written in YAML: a list, a mapping (dict), or a scalar (object)."""
+    origin = typing.get_origin(kind)
+    if origin is list:
+        return list
+    return dict if origin is dict or dataclasses.is_dataclass(kind) else object
+
+
 def _describe(hint: Any, meta: dict[str, Any]) -> str:
-    if meta.get("choices"):
-        return ", ".join(meta["choices"])
-    base = [a for a in typing.get_args(hint) if a is not type(None)] or [hint]
-    kind = base[0]
-    parts = {int: "an integer", float: "a number", bool: "true, false", str: "a string"}.get(kind, str(kind))
-    low, high, strict = meta.get("low"), meta.get("high"), meta.get("strict")
-    if low is not None and high is not None:
-        parts += f" in [{low:g}, {high:g}]"
-    elif low is not None:
-        parts += f" {'>' if strict else '>='} {low:g}"
-    if type(None) in typing.get_args(hint):
-        parts += " or null"
-    return parts
+    """What ``hint`` with ``meta`` (see :func:`_spec`) allows, in words, e.g. ``a number >= 0`` or
+    ``max, min or a non-empty list of them``."""
+    members = _members(hint)
+    options = [kind for kind in members if kind is not type(None)]
+    words = []
+    for kind in options:
+        args = typing.get_args(kind)
+        if _shape(kind) is list:
+            words.append("a non-empty list of " + ("them" if args[0] in options else _describe(args[0], meta)))
+        elif typing.get_origin(kind) is dict:
+            words.append(f"a mapping of names to {_describe(args[1], meta)}")
+        elif dataclasses.is_dataclass(kind):
+            words.append("a mapping")
+        elif meta.get("choices"):
+            words.append(", ".join(meta["choices"]))
+        else:
+            text = {int: "an integer", float: "a number", bool: "true, false", str: "a string"}.get(kind, str(kind))
+            low, high, strict = meta.get("low"), meta.get("high"), meta.get("strict")
+            if low is not None and high is not None:
+                text += f" in [{low:g}, {high:g}]"
+            elif low is not None:
+                text += f" {'>' if strict else '>='} {low:g}"
+            words.append(text)
+    return " or ".join(words) + (" or null" if len(options) < len(members) else "")
 
 
 def _coerce(value: Any, hint: Any, meta: dict[str, Any], key: str) -> Any:
-    optional = type(None) in typing.get_args(hint)
-    base = [a for a in typing.get_args(hint) if a is not type(None)] or [hint]
-    kind = base[0]
+    """``value`` read as a ``hint``: bool, int, float (finite), str, ``list[X]`` (non-empty),
+    ``dict[str, X]``, a dataclass (see :func:`_build`), or a union of these (``X | list[X]``); with
+    ``| None`` also null or "none". ``meta`` (see :func:`_spec`) applies to every scalar inside; an error
+    names the dotted ``key`` of the bad part (``tune.mode[1]``, ``tune.resources_per_worker.CPU``)."""
+    members = _members(hint)
+    options = [kind for kind in members if kind is not type(None)]
 
-    def bad() -> ConfigError:
-        return ConfigError(f"{key}: {value!r} is not allowed; allowed: {_describe(hint, meta)}")
+    def bad(suggestion: str = "") -> ConfigError:
+        return ConfigError(f"{key}: {value!r} is not allowed; allowed: {_describe(hint, meta)}{suggestion}")
 
-    if value is None or (optional and isinstance(value, str) and value.lower() in ("none", "null")):
-        if optional:
-            return None
+    if len(options) < len(members) and (
+        value is None or (isinstance(value, str) and value.lower() in ("none", "null"))
+    ):
+        return None
+    shape = list if isinstance(value, list) else dict if isinstance(value, dict) else object
+    kind = next((option for option in options if _shape(option) is shape), None)
+    if kind is None or (shape is list and not value):
         raise bad()
+    if shape is list:
+        (element,) = typing.get_args(kind)
+        return [_coerce(item, element, meta, f"{key}[{index}]") for index, item in enumerate(value)]
+    if dataclasses.is_dataclass(kind):
+        return _build(typing.cast(type, kind), value, f"{key}.")
+    if shape is dict:
+        if not all(isinstance(name, str) for name in value):
+            raise bad()
+        element = typing.get_args(kind)[1]
+        return {name: _coerce(item, element, meta, f"{key}.{name}") for name, item in value.items()}
     if kind is bool:
         if isinstance(value, str) and value.lower() in ("true", "false"):
             return value.lower() == "true"
@@ -429,7 +501,7 @@ def _coerce(value: Any, hint: Any, meta: dict[str, Any], key: str) -> Any:
         if isinstance(value, bool) or not isinstance(value, int):
             raise bad()
     elif kind is float:
-        if isinstance(value, bool) or not isinstance(value, int | float):
+        if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
             raise bad()
         value = float(value)
     elif kind is str:
@@ -437,9 +509,7 @@ def _coerce(value: Any, hint: Any, meta: dict[str, Any], key: str) -> Any:
             raise bad()
         choices = meta.get("choices")
         if choices and value not in choices:
-            raise ConfigError(
-                f"{key}: {value!r} is not allowed; allowed: {', '.join(choices)}{did_you_mean(value, choices)}"
-            )
+            raise bad(did_you_mean(value, choices))
     low, high, strict = meta.get("low"), meta.get("high"), meta.get("strict")
     if isinstance(value, int | float) and (
         (low is not None and (value <= low if strict else value < low)) or (high is not None and value > high)
@@ -448,32 +518,28 @@ def _coerce(value: Any, hint: Any, meta: dict[str, Any], key: str) -> Any:
     return value
 
 
-def _build(cls: type, data: Any, prefix: str) -> Any:
-    if cls is QuantConfig:
-        if data is not None and not isinstance(data, dict):
-            raise ConfigError(f"{prefix.rstrip('.')}: {data!r} is not allowed; allowed: a mapping")
-        try:
-            return QuantConfig.from_dict(data or {})
-        except ValueError as error:
-            raise ConfigError(str(error)) from None
+def _build(cls: type, data: Any, prefix: str, **init: Any) -> Any:
+    """A ``cls`` dataclass from the mapping ``data``, every field read by :func:`_coerce` (``prefix``:
+    the dotted key of ``data``; ``init``: ``cls``'s init-only values)."""
     if not isinstance(data, dict):
         raise ConfigError(f"{prefix.rstrip('.') or 'config'}: {data!r} is not allowed; allowed: a mapping")
+    if cls is QuantConfig:  # reads its own shorthands and layer rules
+        try:
+            return QuantConfig.from_dict(data)
+        except ValueError as error:
+            raise ConfigError(str(error)) from None
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
     for key in data:
         if key not in names:
             raise ConfigError(f"{prefix}{key}: unknown key; allowed: {', '.join(names)}{did_you_mean(str(key), names)}")
-    values = {}
-    for item in dataclasses.fields(cls):
-        if item.name not in data:
-            continue
-        hint = hints[item.name]
-        if dataclasses.is_dataclass(hint):
-            values[item.name] = _build(typing.cast(type, hint), data[item.name], f"{prefix}{item.name}.")
-        else:
-            values[item.name] = _coerce(data[item.name], hint, dict(item.metadata), f"{prefix}{item.name}")
+    values = {
+        item.name: _coerce(data[item.name], hints[item.name], dict(item.metadata), f"{prefix}{item.name}")
+        for item in dataclasses.fields(cls)
+        if item.name in data
+    }
     try:
-        return cls(**values)
+        return cls(**values, **init)
     except ConfigError:
         raise
     except ValueError as error:  # QuantConfig and friends already speak in one-line field errors
@@ -546,8 +612,9 @@ def load_config(
     return config_from_dict(data)
 
 
-def config_from_dict(data: dict[str, Any]) -> RunConfig:
-    config: RunConfig = _build(RunConfig, data, "")
+def config_from_dict(data: dict[str, Any], *, chained: bool = False) -> RunConfig:
+    """The run config of ``data``, validated (``chained``: see :attr:`RunConfig.chained`)."""
+    config: RunConfig = _build(RunConfig, data, "", chained=chained)
     return config
 
 

@@ -57,22 +57,30 @@ def ensure_ray(address: str | None = None) -> None:
     )
 
 
-def check_resources(config: RunConfig, concurrent: int = 1, driver_cpus: float = 0.0) -> None:
-    """Fails with one line when ``concurrent`` trainings of ``config`` cannot fit the Ray cluster."""
+def check_resources(config: RunConfig, concurrent: int = 1, driver_cpus: float = 0.0, key: str = "resources") -> None:
+    """Fails with one line, naming ``key``, when ``concurrent`` trainings of ``config`` (each with a
+    driver holding ``driver_cpus``) cannot fit the Ray cluster: its CPUs, GPUs and custom resources."""
     import ray
 
     total = ray.cluster_resources()
-    cpus, gpus = total.get("CPU", 0.0), total.get("GPU", 0.0)
-    need_cpu = concurrent * (driver_cpus + config.workers * config.cpus_per_worker)
-    if need_cpu > cpus + 1e-9:
-        raise ConfigError(
-            f"resources: {concurrent} x ({driver_cpus:g} driver + {config.workers} workers x "
-            f"{config.cpus_per_worker:g} CPU) = {need_cpu:g} CPUs, but the cluster has {cpus:g}; "
-            "lower workers, cpus_per_worker or max_concurrent_trials"
-        )
-    need_gpu = concurrent * config.workers * (1 if config.use_gpu else 0)
-    if need_gpu > gpus + 1e-9:
-        raise ConfigError(f"resources: {need_gpu} GPUs needed (workers x trials), but the cluster has {gpus:g}")
+    for name, amount in config.worker_resources.items():
+        driver = driver_cpus if name == "CPU" else 0.0
+        need, have = concurrent * (driver + config.workers * amount), total.get(name, 0.0)
+        if need > have + 1e-9:
+            raise ConfigError(
+                f"{key}: {concurrent} x ({driver:g} driver + {config.workers} workers x {amount:g} {name}) = "
+                f"{need:g} {name}, but the cluster has {have:g}; allowed: fewer workers or concurrent trials, "
+                f"or less {name} per worker"
+            )
+
+
+def scaling_config(config: RunConfig) -> Any:
+    """Ray Train's ScalingConfig of ``config``: its workers, each holding ``config.worker_resources``."""
+    import ray.train
+
+    return ray.train.ScalingConfig(
+        num_workers=config.workers, use_gpu=config.use_gpu, resources_per_worker=config.worker_resources
+    )
 
 
 def pin_source(source: str, tracking_uri: str) -> str:
@@ -269,6 +277,7 @@ def run_training(
     from .tracking import RunTracker, ensure_experiment, flatten, resolve_tracking_uri
 
     started = time.time()
+    config.check_start()  # a sweep's chained stage is built before its init_from exists; it must have one now
     runs_dir = os.path.abspath(config.runs_dir)
     tracking_uri = resolve_tracking_uri(config.tracking.uri, runs_dir)
     info = dataset_info(config)
@@ -304,12 +313,7 @@ def run_training(
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config=loop_config,
-        scaling_config=ray.train.ScalingConfig(
-            num_workers=config.workers,
-            use_gpu=config.use_gpu,
-            resources_per_worker={"GPU" if config.use_gpu else "CPU": 1 if config.use_gpu else config.cpus_per_worker}
-            | ({"CPU": config.cpus_per_worker} if config.use_gpu else {}),
-        ),
+        scaling_config=scaling_config(config),
         run_config=ray.train.RunConfig(
             name=ray_run_name or f"{config.stage}-{tracker.run_id}",
             storage_path=os.path.join(runs_dir, "ray"),
@@ -423,6 +427,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     from .quant.cost import model_cost
     from .tracking import RunTracker
 
+    entered = time.perf_counter()
     _quiet_ray_train_reports()
     config = config_from_dict(loop_config["config"])
     info = DatasetInfo(**loop_config["data_info"])
@@ -453,8 +458,11 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     run = RunTracker(loop_config["tracking_uri"], loop_config["run_id"]) if rank == 0 else None
     if run is not None and history:
         run.sync_history(history)  # epochs checkpointed before a crash but not yet logged
+    if run is not None:  # what a run costs before its first step (a sweep's per-trial overhead has it)
+        run.set_tags({f"ofq.worker_setup_s.{config.stage}": f"{time.perf_counter() - entered:.2f}"})
 
     for epoch in range(start_epoch, config.epochs):
+        epoch_started = time.perf_counter()
         train_loader.set_epoch(epoch)
         metrics = train_one_epoch(
             model,
@@ -480,6 +488,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             metrics["cga/frozen_frac"] = cga.frozen_fraction()
         metrics.update(costs)  # model/size_bytes, model/bitops
         metrics["epoch"] = float(offset + epoch)
+        metrics["time/epoch_s"] = time.perf_counter() - epoch_started  # training + evaluation
         history.append(metrics)
         if run is not None:
             # Logged before the report: a scheduler may stop the trial as soon as it sees the report.

@@ -65,6 +65,13 @@ def test_overrides_are_typed_from_yaml_and_validated() -> None:
         (["rank.mode=lowest"], r"^rank\.mode: 'lowest' is not allowed; allowed: max, min"),
         (["quant=5"], r"^quant: 5 is not allowed; allowed: a mapping$"),
         (["optim=5"], r"^optim: 5 is not allowed; allowed: a mapping$"),
+        (["optim.lr=.nan"], r"^optim\.lr: nan is not allowed; allowed: a number > 0$"),
+        (
+            ["resources={CPU: 2}"],
+            r"^resources\.CPU: 2\.0 is not allowed; allowed: custom resources \(set cpus_per_worker\)$",
+        ),
+        (["resources={node_a: -1}"], r"^resources\.node_a: -1\.0 is not allowed; allowed: a number >= 0$"),
+        (["chained=true"], r"^chained: unknown key; allowed: "),
     ],
 )
 def test_config_errors_are_one_line_and_name_the_key(overrides: list[str], message: str) -> None:
@@ -176,7 +183,7 @@ def test_rank_best_prefers_the_earliest_on_ties_and_skips_nan() -> None:
         (
             ["tune.metric=val/accuracy"],
             "tune.metric: 'val/accuracy' is not reported by a qat trial; allowed: train/loss, train/top1, lr, "
-            "throughput/img_s, val/top1, val/top5, val/loss, model/size_bytes, model/bitops, epoch, "
+            "throughput/img_s, val/top1, val/top5, val/loss, model/size_bytes, model/bitops, epoch, time/epoch_s, "
             "osc/mean_freq, osc/frac_gt_0.005, osc/frac_gt_0.01, osc/flip_rate (did you mean 'val/top1'?)",
         ),
         (["tune.metric=[val/top1, model/bytes]", "tune.mode=[max, min]"], "tune.metric: 'model/bytes' is not reported"),
@@ -226,13 +233,22 @@ def test_every_run_field_declares_once_whether_it_changes_what_a_stage_learns() 
         "rank.metric": "val/loss",
         "tracking.experiment": "elsewhere",
         "init_from": "/some/fp.pt",
+        "resources": {"node_a": 0.1},
     }
     assert {key.split(".")[0] for key in others} | {"stage"} == {f.name for f in fields(RunConfig)}
     left_out = run_fields(fingerprint=False)
     for key, value in others.items():
         changed = load_config(None, ["stage=pretrain", f"{key}={value}"])
         assert (changed.fingerprint() == base.fingerprint()) == (key.split(".")[0] in left_out), key
-    assert set(left_out) == {"tracking", "workers", "cpus_per_worker", "runs_dir", "keep_checkpoints", "max_failures"}
+    assert set(left_out) == {
+        "tracking",
+        "workers",
+        "cpus_per_worker",
+        "resources",
+        "runs_dir",
+        "keep_checkpoints",
+        "max_failures",
+    }
 
 
 def test_the_summary_prints_whole_numbers_in_full_and_others_to_4_digits() -> None:
@@ -240,3 +256,124 @@ def test_the_summary_prints_whole_numbers_in_full_and_others_to_4_digits() -> No
 
     assert _fmt(106028.0) == "106028" and _fmt(87596.0) != _fmt(87600.0)
     assert _fmt(0.123456) == "0.1235" and _fmt(3) == "3" and _fmt("2/2") == "2/2"
+
+
+LR = str(REPO / "search_spaces" / "lr.yaml")
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (  # an element of a list
+            ["tune.metric=[val/top1, model/size_bytes]", "tune.mode=[max, mn]"],
+            "tune.mode[1]: 'mn' is not allowed; allowed: max, min (did you mean 'min'?)",
+        ),
+        (
+            ["tune.mode=maxx"],
+            "tune.mode: 'maxx' is not allowed; allowed: max, min or a non-empty list of them (did you mean 'max'?)",
+        ),
+        (["tune.mode=[]"], "tune.mode: [] is not allowed; allowed: max, min or a non-empty list of them"),
+        (["tune.metric=3"], "tune.metric: 3 is not allowed; allowed: a string or a non-empty list of them"),
+        (
+            ["tune.metric=[val/top1, val/loss]"],
+            "tune.mode: 'max' does not match tune.metric ['val/top1', 'val/loss']; allowed: one mode per metric",
+        ),
+        (  # a value of a mapping
+            ["tune.resources_per_worker={CPU: 1, node_a: -0.5}"],
+            "tune.resources_per_worker.node_a: -0.5 is not allowed; allowed: a number >= 0",
+        ),
+        (
+            ["tune.resources_per_worker=[1]"],
+            "tune.resources_per_worker: [1] is not allowed; allowed: a mapping of names to a number >= 0",
+        ),
+        (  # nested dataclasses
+            ["tune.scheduler={asha: {grace_priod: 2}}"],
+            "tune.scheduler.asha.grace_priod: unknown key; allowed: grace_period, reduction_factor "
+            "(did you mean 'grace_period'?)",
+        ),
+        (
+            ["tune.scheduler={asha: {grace_period: 1.5}}"],
+            "tune.scheduler.asha.grace_period: 1.5 is not allowed; allowed: an integer >= 1",
+        ),
+        (
+            ["tune.scheduler={asha: {reduction_factor: 1}}"],
+            "tune.scheduler.asha.reduction_factor: 1.0 is not allowed; allowed: a number > 1",
+        ),
+        (["tune.scheduler=asha"], "tune.scheduler: 'asha' is not allowed; allowed: a mapping or null"),
+        (
+            ["tune.constraints={model/size_bytes: {max: .inf}}"],
+            "tune.constraints.model/size_bytes.max: inf is not allowed; allowed: a number >= 0 or null",
+        ),
+        (
+            ["tune.constraints={model/size_bytes: 5}"],
+            "tune.constraints.model/size_bytes: 5 is not allowed; allowed: a mapping",
+        ),
+        (
+            ["tune.constraints={model/size_bytes: {}}"],
+            "tune.constraints.model/size_bytes: no bound; allowed: {max: N} and/or {min: N}",
+        ),
+    ],
+)
+def test_tune_settings_are_typed_and_a_bad_part_is_one_line_naming_its_key(overrides: list[str], message: str) -> None:
+    with pytest.raises(ConfigError) as error:
+        load_sweep(LR, overrides)
+    assert str(error.value) == message
+
+
+def test_the_scheduler_is_asha_by_default_none_when_said_and_takes_its_rungs_from_the_spec() -> None:
+    from ray.tune.schedulers import ASHAScheduler
+
+    from ofq_ray.sweep.mo_asha import MultiObjectiveASHA
+    from ofq_ray.sweep.search import make_scheduler
+    from ofq_ray.sweep.spec import AshaSettings, SchedulerSettings, sweep_from_dict
+
+    raw = load_yaml((REPO / "search_spaces" / "lr.yaml").read_text())
+    del raw["tune"]["scheduler"]
+    default = sweep_from_dict(raw)
+    assert default.tune.scheduler == SchedulerSettings(AshaSettings(grace_period=1, reduction_factor=3.0))
+    assert isinstance(make_scheduler(default, 4), ASHAScheduler)
+    for word in ("none", "null", "None"):
+        sweep = load_sweep(LR, [f"tune.scheduler={word}"])
+        assert sweep.tune.scheduler is None and make_scheduler(sweep, 4) is None
+    pareto = load_sweep(str(REPO / "search_spaces" / "pareto.yaml"))  # {asha: {grace_period: 2, reduction_factor: 2}}
+    scheduler = make_scheduler(pareto, 9)
+    assert isinstance(scheduler, MultiObjectiveASHA) and [m for m, _ in scheduler.rungs] == [2, 4, 8]
+
+
+def test_a_custom_resource_reaches_rays_scaling_config_and_the_cluster_check(monkeypatch: pytest.MonkeyPatch) -> None:
+    import ray
+
+    from ofq_ray.sweep.runner import check_sweep_resources
+    from ofq_ray.sweep.stages import trial_config
+    from ofq_ray.train import scaling_config
+
+    sweep = load_sweep(LR, ["tune.resources_per_worker={CPU: 1, node_a: 0.1}", "tune.workers_per_trial=2"])
+    config = trial_config(sweep, {})
+    assert (config.cpus_per_worker, config.use_gpu, config.resources) == (1.0, False, {"node_a": 0.1})
+    scaling = scaling_config(config)
+    assert scaling.resources_per_worker == {"CPU": 1.0, "node_a": 0.1}
+    assert scaling.as_placement_group_factory().bundles[-2:] == [{"CPU": 1.0, "node_a": 0.1}] * 2
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 8.0, "node_a": 1.0})
+    check_sweep_resources(sweep)  # 2 trials x 2 workers x 0.1 node_a fit
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 8.0})
+    with pytest.raises(ConfigError) as error:
+        check_sweep_resources(sweep)
+    assert str(error.value) == (
+        "tune.resources_per_worker: 2 x (0 driver + 2 workers x 0.1 node_a) = 0.4 node_a, but the cluster has 0; "
+        "allowed: fewer workers or concurrent trials, or less node_a per worker"
+    )
+
+
+def test_a_chained_stage_validates_before_its_checkpoint_exists_and_cannot_run_without_one() -> None:
+    from ofq_ray.sweep.stages import trial_config
+    from ofq_ray.train import run_training
+
+    sweep = load_sweep(str(REPO / "search_spaces" / "cga.yaml"))
+    shared, _ = plan_stages(sweep)
+    assert [stage_config(sweep, stage, {}, init_from=None).init_from for stage in shared] == [None, None]
+    config = trial_config(sweep, {})  # cga, starting from the shared qat stage once it has trained
+    assert config.stage == "cga" and config.init_from is None
+    with pytest.raises(ConfigError, match=r"^init_from: None is not allowed for stage cga"):
+        run_training(config)
+    started = stage_config(sweep, "cga", {}, init_from="runs:/x/checkpoints/best")
+    started.check_start()

@@ -13,7 +13,7 @@ from ray.tune.search import Searcher
 
 from ofq_ray.config import ConfigError
 from ofq_ray.cost import run_cost
-from ofq_ray.sweep.budget import REJECTED, STOPPED, Budget, BudgetSearcher
+from ofq_ray.sweep.budget import REJECTED, STOPPED, Bounds, Budget, BudgetSearcher
 from ofq_ray.sweep.mo_asha import MultiObjectiveASHA
 from ofq_ray.sweep.search import make_scheduler, make_searcher, optuna_storage_url
 from ofq_ray.sweep.spec import load_sweep, sweep_from_dict
@@ -167,7 +167,7 @@ def test_too_many_rejections_in_a_row_end_the_search_and_say_so(tmp_path: Path) 
     sweep, _ = _budgeted(tmp_path, max_rejections=3, searcher="random")
     messages: list[str] = []
     searcher = make_searcher(sweep, None, None, log=messages.append)
-    searcher.budget.constraints = {"model/size_bytes": {"max": 1.0}}  # now nothing fits
+    searcher.budget.constraints = {"model/size_bytes": Bounds(max=1.0)}  # now nothing fits
     assert searcher.suggest("t0") == Searcher.FINISHED
     assert searcher.suggest("t1") == Searcher.FINISHED
     assert searcher.rejected == 3
@@ -193,7 +193,8 @@ def test_the_mixed_preset_loads_with_groups_a_size_budget_nsga2_and_mo_asha() ->
     assert len(sweep.layer_groups) >= 3 and set(sweep.tune.constraints) == {"model/size_bytes"}
     assert plan_stages(sweep) == (["pretrain"], ["qat"])
     # The budget excludes uniform W4A4 but admits uniform W2A2.
-    budget = sweep.tune.constraints["model/size_bytes"]["max"]
+    budget = sweep.tune.constraints["model/size_bytes"].max
+    assert budget is not None
     assert _size(sweep, **{k.removeprefix("quant.layers."): "2/2" for k in sweep.layer_groups}) <= budget
     assert _size(sweep, **{k.removeprefix("quant.layers."): "4/4" for k in sweep.layer_groups}) > budget
 

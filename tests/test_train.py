@@ -275,18 +275,40 @@ def test_two_workers_match_one_worker_with_the_same_global_batch(
         (["optimm.lr=1e-3"], "optimm: unknown key"),
     ],
 )
-def test_bad_input_is_one_line_exit_2_and_creates_nothing(tmp_path: Path, overrides: list[str], message: str) -> None:
+def test_bad_input_is_one_line_exit_2_and_creates_nothing(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    overrides: list[str],
+    message: str,
+) -> None:
+    from ofq_ray.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    args = ["train", str(_bad_config(tmp_path))] + [f"--set={o}" for o in overrides]
+    assert main(args) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("ofq-ray: error: ") and message in lines[0], lines
+    assert not (tmp_path / "runs" / "mlflow.db").exists()
+    assert not (tmp_path / "mlflow.db").exists()
+
+
+def test_bad_input_from_the_shell_is_one_line_and_exit_2(tmp_path: Path) -> None:
+    # The installed entry point in a fresh process: nothing else on stderr, the exit status itself.
+    args = [str(Path(sys.executable).parent / "ofq-ray"), "train", str(_bad_config(tmp_path)), "--set=optimm.lr=1e-3"]
+    done = subprocess.run(args, capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert done.returncode == 2, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("ofq-ray: error: optimm: unknown key; allowed: "), done.stderr
+    assert not (tmp_path / "runs" / "mlflow.db").exists()
+
+
+def _bad_config(tmp_path: Path) -> Path:
     path = tmp_path / "config.yaml"
     path.write_text(
         yaml.safe_dump({**BASE, "stage": "qat", "kd": {"enabled": False}, "runs_dir": str(tmp_path / "runs")})
     )
-    args = [sys.executable, "-m", "ofq_ray.cli", "train", str(path)] + [f"--set={o}" for o in overrides]
-    done = subprocess.run(args, capture_output=True, text=True, timeout=120, cwd=tmp_path)
-    assert done.returncode == 2, done.stderr
-    lines = done.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("ofq-ray: error: ") and message in lines[0], done.stderr
-    assert not (tmp_path / "runs" / "mlflow.db").exists()
-    assert not (tmp_path / "mlflow.db").exists()
+    return path
 
 
 def test_corrupt_and_foreign_checkpoints_are_clear_errors(tmp_path: Path) -> None:

@@ -189,6 +189,21 @@ def test_smoke_sweep_one_parent_one_child_per_trial_asha_and_champion(smoke: tup
     assert result.bytes_kept > 0
     artifacts = {a.path for a in client.list_artifacts(parent["run_id"])}
     assert {"summary.md", "trials.json"} <= artifacts
+    # Ray's overhead per trial: its wall time (Tune's start to end events) minus its epochs' training and
+    # evaluation (time/epoch_s, from the workers), on each run and, as a median, in the summary.
+    for child in children:
+        tags = child["tags"]
+        epoch_s = sum(m.value for m in client.get_metric_history(child["run_id"], "time/epoch_s"))
+        assert 0 < float(tags["ofq.train_eval_s"]) <= epoch_s + 0.01
+        assert float(tags["ofq.trial_wall_s"]) == pytest.approx(
+            float(tags["ofq.train_eval_s"]) + float(tags["ofq.overhead_s"]), abs=0.02
+        )
+        assert float(tags["ofq.overhead_s"]) > 0 and float(tags["ofq.worker_setup_s.qat"]) > 0
+    overheads = sorted(float(c["tags"]["ofq.overhead_s"]) for c in children)
+    median = (overheads[2] + overheads[3]) / 2
+    assert float(parent["tags"]["ofq.overhead_s_median"]) == pytest.approx(median, abs=0.01)
+    summary = Path(download_artifacts(f"runs:/{parent['run_id']}/summary.md", tracking_uri=uri)).read_text()
+    assert f"Ray overhead per trial (wall time outside training and evaluation): median {median:.1f} s" in summary
 
 
 def test_shared_stage_is_trained_once_and_reused_by_the_next_sweep(
@@ -263,6 +278,7 @@ def test_a_sweep_ranked_by_val_loss_registers_the_trial_and_the_epoch_with_the_l
     _, runs = smoke
     uri = default_tracking_uri(str(runs))
     spec = _spec(runs, "rank-loss", num_samples=3, scheduler="none", metric="val/loss", mode="min")
+    spec["base"]["epochs"] = 2
     result = run_sweep(load_sweep(str(_write(runs / "rank-loss.yaml", spec))), address=cluster["address"])
     _, children = _children(uri, "rank-loss")
     assert len(children) == 3 and all(c["status"] == "FINISHED" for c in children)
@@ -282,9 +298,14 @@ def test_a_sweep_ranked_by_val_loss_registers_the_trial_and_the_epoch_with_the_l
     assert (best["run_id"], best["rank"], best["best_epoch"]) == (champion, "val/loss min", lowest[champion].step)
 
 
-def test_resume_after_killing_the_driver_finishes_exactly_num_samples(cluster: dict[str, str], tmp_path: Path) -> None:
-    spec = _write(tmp_path / "resume.yaml", _spec(tmp_path, "resume", num_samples=4, scheduler="none"))
-    uri = default_tracking_uri(str(tmp_path))
+def test_resume_after_killing_the_driver_finishes_exactly_num_samples(
+    smoke: tuple[Any, Path], cluster: dict[str, str], tmp_path: Path
+) -> None:
+    _, runs = smoke  # in smoke's store: the shared FP stage comes from its cache
+    raw = _spec(runs, "resume", num_samples=4, scheduler="none")
+    raw["base"]["epochs"] = 2
+    spec = _write(tmp_path / "resume.yaml", raw)
+    uri = default_tracking_uri(str(runs))
     env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
     command = [sys.executable, "-m", "ofq_ray.cli", "tune", str(spec), "--address", cluster["address"]]
     with open(tmp_path / "first.log", "w") as log:
@@ -318,7 +339,7 @@ def test_resume_after_killing_the_driver_finishes_exactly_num_samples(cluster: d
     # The searcher's study lives in Optuna storage beside the MLflow store; the resumed driver continued
     # it: every trial told once, none left running.
     parent, _ = _children(uri, "resume")
-    assert parent["tags"]["ofq.optuna_storage"] == f"sqlite:///{tmp_path / 'optuna.db'}"
+    assert parent["tags"]["ofq.optuna_storage"] == f"sqlite:///{runs / 'optuna.db'}"
     study = optuna.load_study(
         study_name=parent["tags"]["ofq.optuna_study"], storage=parent["tags"]["ofq.optuna_storage"]
     )
@@ -330,7 +351,10 @@ def test_resume_after_killing_the_driver_finishes_exactly_num_samples(cluster: d
 
 
 def test_ray_job_submit_runs_a_sweep_on_the_cluster(cluster: dict[str, str], tmp_path: Path) -> None:
-    spec = _write(tmp_path / "job.yaml", _spec(tmp_path, "job", num_samples=1, scheduler="none"))
+    raw = _spec(tmp_path, "job", num_samples=1, scheduler="none")
+    raw["base"]["epochs"] = 1  # its store is new, so its FP stage trains too: one epoch each
+    raw["stages"]["pretrain"]["epochs"] = 1
+    spec = _write(tmp_path / "job.yaml", raw)
     env = {
         **os.environ,
         "RAY_AUTH_MODE": "disabled",
@@ -350,29 +374,45 @@ def test_ray_job_submit_runs_a_sweep_on_the_cluster(cluster: dict[str, str], tmp
     assert not (tmp_path / "mlflow.db").exists()  # nothing went to the runs folder's default store
 
 
-@pytest.mark.parametrize(
-    ("change", "message"),
-    [
-        ({"search": {"optim.lrr": {"loguniform": [1e-4, 1e-3]}}}, "optim.lrr: unknown key"),
-        ({"search": {"optim.lr": {"logunif": [1e-4, 1e-3]}}}, "distribution 'logunif' is not allowed"),
-        ({"search": {"optim.lr": {"loguniform": [1e-3, 1e-4]}}}, "low < high"),
-        ({"search": {"quant.bits": {"choice": ["2/2", "9/9"]}}}, "quant.weight_bits: 9 is not allowed"),
-        ({"tune": {"max_concurrent_trials": 8, "resources_per_worker": {"CPU": 2}}}, "tune.resources_per_worker:"),
-        ({"base": {"data": {"name": "fashion_mnist", "root": "/nonexistent"}}}, "data.root:"),
-        ({"tuen": {}}, "tuen: unknown key"),
-    ],
-)
-def test_bad_sweep_input_exits_2_with_one_line_and_creates_nothing(
-    cluster: dict[str, str], tmp_path: Path, change: dict[str, Any], message: str
-) -> None:
+BAD_SWEEPS = [
+    ({"search": {"optim.lrr": {"loguniform": [1e-4, 1e-3]}}}, "optim.lrr: unknown key"),
+    ({"search": {"optim.lr": {"logunif": [1e-4, 1e-3]}}}, "distribution 'logunif' is not allowed"),
+    ({"search": {"optim.lr": {"loguniform": [1e-3, 1e-4]}}}, "low < high"),
+    ({"search": {"quant.bits": {"choice": ["2/2", "9/9"]}}}, "quant.weight_bits: 9 is not allowed"),
+    ({"tune": {"max_concurrent_trials": 8, "resources_per_worker": {"CPU": 2}}}, "tune.resources_per_worker:"),
+    ({"base": {"data": {"name": "fashion_mnist", "root": "/nonexistent"}}}, "data.root:"),
+    ({"tuen": {}}, "tuen: unknown key"),
+]
+
+
+def _bad_spec(tmp_path: Path, change: dict[str, Any]) -> Path:
     spec = _spec(tmp_path, "bad")
     for key, value in change.items():
         spec[key] = {**spec[key], **value} if isinstance(spec.get(key), dict) and key != "search" else value
-    path = _write(tmp_path / "bad.yaml", spec)
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+    return _write(tmp_path / "bad.yaml", spec)
+
+
+@pytest.mark.parametrize(("change", "message"), BAD_SWEEPS)
+def test_bad_sweep_input_is_one_line_exit_2_and_creates_nothing(
+    cluster: dict[str, str], tmp_path: Path, capsys: pytest.CaptureFixture[str], change: dict[str, Any], message: str
+) -> None:
+    # In this process (connected to the cluster), through the CLI's own entry point.
+    from ofq_ray.cli import main
+
+    assert main(["tune", str(_bad_spec(tmp_path, change)), "--address", cluster["address"]]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("ofq-ray: error: ") and message in lines[0], lines
+    assert not (tmp_path / "mlflow.db").exists()
+
+
+def test_a_bad_sweep_from_the_shell_prints_only_its_one_line(cluster: dict[str, str], tmp_path: Path) -> None:
+    # A fresh process that connects to the cluster before it finds the mistake: Ray's own start-up
+    # output must not bury the one line either.
+    change, message = BAD_SWEEPS[4]
+    spec = _bad_spec(tmp_path, change)
     done = subprocess.run(
-        [sys.executable, "-m", "ofq_ray.cli", "tune", str(path), "--address", cluster["address"]],
-        env=env,
+        [sys.executable, "-m", "ofq_ray.cli", "tune", str(spec), "--address", cluster["address"]],
+        env={**os.environ, "RAY_AUTH_MODE": "disabled"},
         capture_output=True,
         text=True,
         timeout=180,

@@ -1,7 +1,7 @@
 """Budgets: ``tune.constraints`` on the costs known before training (``model/size_bytes``,
 ``model/bitops``, see :func:`ofq_ray.cost.run_cost`).
 
-- :func:`check_constraints` validates the setting (one-line errors);
+- :class:`Bounds` is one metric's budget; :func:`check_constraints` checks what its type cannot say;
 - :class:`Budget` computes a trial's costs from its searched values (cached by what the costs depend
   on) and says which bounds they break;
 - :func:`check_feasible` fails up front when no configuration of the search can meet the budget;
@@ -20,13 +20,13 @@ from __future__ import annotations
 
 import itertools
 import json
-import math
 import os
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from ray.tune.search import Searcher
 
-from ..config import ConfigError, metric_hint, parse_bits
+from ..config import ConfigError, _spec, metric_hint, parse_bits
 
 if TYPE_CHECKING:
     from .spec import Sweep
@@ -39,40 +39,35 @@ _WIDTH_KEYS = ("quant.weight_bits", "quant.act_bits", "quant.first_last_bits")
 _MAX_COMBINATIONS = 64
 
 
-def check_constraints(constraints: Any) -> dict[str, dict[str, float]]:
-    """Validates ``tune.constraints`` and returns it normalized (``{metric: {"max": x, "min": y}}``)."""
-    if constraints is None:
-        return {}
-    example = "{model/size_bytes: {max: 250000}, model/bitops: {max: 2.0e8}}"
-    if not isinstance(constraints, dict):
-        raise ConfigError(f"tune.constraints: {constraints!r} is not allowed; allowed: a mapping such as {example}")
-    checked: dict[str, dict[str, float]] = {}
+@dataclass
+class Bounds:
+    """The budget on one cost metric: at most ``max``, at least ``min`` (either may be left out)."""
+
+    max: float | None = field(default=None, metadata=_spec(low=0.0))
+    min: float | None = field(default=None, metadata=_spec(low=0.0))
+
+    def items(self) -> list[tuple[str, float]]:
+        """The bounds that are set, as (``"max"`` or ``"min"``, value)."""
+        return [(name, value) for name, value in (("max", self.max), ("min", self.min)) if value is not None]
+
+
+def check_constraints(constraints: dict[str, Bounds]) -> None:
+    """What ``tune.constraints``' type cannot say: each names a cost metric and sets a bound, min <= max."""
     for metric, bounds in constraints.items():
         if metric not in COST_METRICS:
             raise ConfigError(
                 f"tune.constraints.{metric}: unknown metric; allowed: {', '.join(COST_METRICS)} "
-                f"(the costs known before training){metric_hint(str(metric), COST_METRICS)}"
+                f"(the costs known before training){metric_hint(metric, COST_METRICS)}"
             )
-        if not isinstance(bounds, dict) or not bounds:
+        if not bounds.items():
+            raise ConfigError(f"tune.constraints.{metric}: no bound; allowed: {{max: N}} and/or {{min: N}}")
+        if bounds.max is not None and bounds.min is not None and bounds.min > bounds.max:
             raise ConfigError(
-                f"tune.constraints.{metric}: {bounds!r} is not allowed; allowed: {{max: N}} and/or {{min: N}}"
+                f"tune.constraints.{metric}: min {bounds.min:g} > max {bounds.max:g}; allowed: min <= max"
             )
-        for bound, value in bounds.items():
-            if bound not in BOUNDS:
-                raise ConfigError(f"tune.constraints.{metric}.{bound}: unknown key; allowed: max, min")
-            if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value < 0:
-                raise ConfigError(
-                    f"tune.constraints.{metric}.{bound}: {value!r} is not allowed; allowed: a number >= 0"
-                )
-        if "max" in bounds and "min" in bounds and bounds["min"] > bounds["max"]:
-            raise ConfigError(
-                f"tune.constraints.{metric}: min {bounds['min']:g} > max {bounds['max']:g}; allowed: min <= max"
-            )
-        checked[str(metric)] = {bound: float(value) for bound, value in bounds.items()}
-    return checked
 
 
-def describe_constraints(constraints: dict[str, dict[str, float]]) -> str:
+def describe_constraints(constraints: dict[str, Bounds]) -> str:
     """``"model/size_bytes <= 250000, model/bitops <= 2e+08"``."""
     parts = []
     for metric, bounds in constraints.items():
@@ -104,7 +99,7 @@ class Budget:
 
     def __init__(self, sweep: Sweep, num_classes: int, in_chans: int | None = None) -> None:
         self.sweep = sweep
-        self.constraints: dict[str, dict[str, float]] = sweep.tune.constraints
+        self.constraints: dict[str, Bounds] = sweep.tune.constraints
         self.num_classes = num_classes
         self.in_chans = in_chans
         self._cache: dict[str, dict[str, float]] = {}

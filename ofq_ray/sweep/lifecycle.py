@@ -12,7 +12,7 @@ from ray.tune import Callback
 
 from ..config import RankConfig
 from .spec import Sweep
-from .stages import _PLACEHOLDER, stage_config
+from .stages import stage_config
 from .summary import _short
 
 # --- the trial ---------------------------------------------------------------------------------------------
@@ -80,9 +80,7 @@ def _child_run(context: dict[str, Any], trial_id: str, run_name: str, values: di
     found = _trial_run(context, trial_id)  # a restarted trial keeps its run
     if found is not None:
         return str(found["run_id"])
-    config = stage_config(
-        sweep, context["trial_stages"][-1], values, init_from=context["shared_source"] or _PLACEHOLDER
-    )
+    config = stage_config(sweep, context["trial_stages"][-1], values, init_from=context["shared_source"])
     params = {f"search.{k}": str(v) for k, v in values.items()}
     params.update(flatten(config.to_dict()))
     tracker = RunTracker.create(
@@ -160,12 +158,36 @@ class TrialLifecycle(Callback):  # type: ignore[misc]
 
     def __init__(self, context: dict[str, Any]) -> None:
         self.context = context
+        self.started: dict[str, float] = {}
+        self.epoch_s: dict[str, dict[float, float]] = {}  # per trial: epoch -> its training + evaluation time
+
+    def on_trial_start(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
+        self.started[trial.trial_id] = time.time()
+
+    def on_trial_result(
+        self, iteration: int, trials: list[Any], trial: Any, result: dict[str, Any], **info: Any
+    ) -> None:
+        if "time/epoch_s" in result:  # an epoch repeated after a restart counts once (its last try)
+            self.epoch_s.setdefault(trial.trial_id, {})[result.get("epoch", -1.0)] = float(result["time/epoch_s"])
 
     def on_trial_complete(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
-        close_trial(self.context, trial.trial_id, dict(trial.last_result or {}))
+        close_trial(self.context, trial.trial_id, dict(trial.last_result or {}), self._timing(trial.trial_id))
 
     def on_trial_error(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
         fail_trial(self.context, trial.trial_id, _error_line(trial))
+
+    def _timing(self, trial_id: str) -> dict[str, str]:
+        """Where the trial's wall time went: ``ofq.overhead_s`` is what Ray, the workers' start and the
+        trial's stage hand-overs cost on top of training and evaluating (a resumed sweep times what it ran)."""
+        if trial_id not in self.started:
+            return {}
+        wall = time.time() - self.started[trial_id]
+        working = sum(self.epoch_s.get(trial_id, {}).values())
+        return {
+            "ofq.trial_wall_s": f"{wall:.2f}",
+            "ofq.train_eval_s": f"{working:.2f}",
+            "ofq.overhead_s": f"{wall - working:.2f}",
+        }
 
 
 def _trial_run(context: dict[str, Any], trial_id: str) -> dict[str, Any] | None:
@@ -179,18 +201,22 @@ def _trial_run(context: dict[str, Any], trial_id: str) -> dict[str, Any] | None:
     return found[0] if found else None
 
 
-def close_trial(context: dict[str, Any], trial_id: str, last_result: dict[str, Any]) -> str | None:
-    """Closes an ended trial's run (see :class:`TrialLifecycle`); returns the status it has, or None when
-    the trial never opened one."""
+def close_trial(
+    context: dict[str, Any], trial_id: str, last_result: dict[str, Any], tags: dict[str, str] | None = None
+) -> str | None:
+    """Closes an ended trial's run (see :class:`TrialLifecycle`), adding ``tags``; returns the status it
+    has, or None when the trial never opened one."""
     from ..tracking import RunTracker
 
     run = _trial_run(context, trial_id)
     if run is None:
         return None
+    tracker = RunTracker(context["tracking_uri"], run["run_id"])
+    if tags:
+        tracker.set_tags(tags)
     if run["status"] != "RUNNING":  # the trial function finished it (or an earlier event closed it)
         return str(run["status"])
     sweep: Sweep = context["sweep"]
-    tracker = RunTracker(context["tracking_uri"], run["run_id"])
     epochs = int(last_result.get("epoch", -1)) + 1
     best = best_kept_checkpoint(context, trial_id)
     stage = context["trial_stages"][-1]

@@ -16,31 +16,19 @@ from .budget import Budget, check_feasible
 from .lifecycle import ProgressPrinter, TrialLifecycle, run_trial, trial_dirname
 from .search import make_scheduler, make_searcher, open_optuna_storage, optuna_storage_url
 from .spec import Sweep
-from .stages import _PLACEHOLDER, _base_config, plan_stages, run_shared_stages, stage_config
+from .stages import _base_config, plan_stages, run_shared_stages, stage_config, trial_config
 from .summary import SweepResult, summarize
 
 TRIAL_CPU = 0.01  # the Tune trial only drives a TorchTrainer; its workers hold the real resources
 
 
 def check_sweep_resources(sweep: Sweep) -> None:
-    import ray
+    """Fails with one line when ``tune.max_concurrent_trials`` trials, each a driver and its workers,
+    cannot fit the Ray cluster (every resource of ``tune.resources_per_worker``, custom ones included)."""
+    from ..train import check_resources
 
-    total = ray.cluster_resources()
-    resources = sweep.tune.resources_per_worker
-    workers, trials = sweep.tune.workers_per_trial, sweep.tune.max_concurrent_trials
-    need_cpu = trials * (TRIAL_CPU + workers * float(resources.get("CPU", 1)))
-    if need_cpu > total.get("CPU", 0.0) + 1e-9:
-        raise ConfigError(
-            f"tune.resources_per_worker: {trials} concurrent trials x ({TRIAL_CPU} driver + {workers} workers x "
-            f"{resources.get('CPU', 1)} CPU) = {need_cpu:g} CPUs, but the cluster has {total.get('CPU', 0.0):g}; "
-            "lower tune.max_concurrent_trials, tune.workers_per_trial or resources_per_worker.CPU"
-        )
-    need_gpu = trials * workers * float(resources.get("GPU", 0))
-    if need_gpu > total.get("GPU", 0.0) + 1e-9:
-        raise ConfigError(
-            f"tune.resources_per_worker: {trials} trials x {workers} workers x {resources.get('GPU')} GPU = "
-            f"{need_gpu:g} GPUs, but the cluster has {total.get('GPU', 0.0):g}"
-        )
+    config = trial_config(sweep, {})  # every stage of a trial runs with the same workers and resources
+    check_resources(config, sweep.tune.max_concurrent_trials, TRIAL_CPU, key="tune.resources_per_worker")
 
 
 # --- the sweep ---------------------------------------------------------------------------------------------
@@ -124,7 +112,7 @@ def run_sweep(sweep: Sweep, *, resume: bool = False, address: str | None = None,
             "tune_name": state["tune_name"],
             "optuna_storage": storage_url,
         }
-        epochs = [stage_config(sweep, s, {}, init_from=shared_source or _PLACEHOLDER).epochs for s in trial_stages]
+        epochs = [stage_config(sweep, s, {}, init_from=shared_source).epochs for s in trial_stages]
         max_t = sum(epochs)
         context["total_epochs"] = max_t
         # Only the last stage's epochs can be a trial's checkpoints/best (and so its champion candidate).

@@ -90,16 +90,14 @@ def make_searcher(
 
 
 def make_scheduler(sweep: Sweep, max_t: int) -> Any:
-    scheduler = sweep.tune.scheduler
-    if not isinstance(scheduler, dict):
+    if sweep.tune.scheduler is None:
         return None
     from ray.tune.schedulers import ASHAScheduler
 
     from .mo_asha import MultiObjectiveASHA
 
-    options = scheduler["asha"] or {}
-    grace_period = int(options.get("grace_period", 1))
-    reduction_factor = float(options.get("reduction_factor", 3))
+    grace_period = sweep.tune.scheduler.asha.grace_period
+    reduction_factor = sweep.tune.scheduler.asha.reduction_factor
     # One past the last epoch: ASHA stops a trial that reaches max_t, which would kill it before it
     # logs its checkpoints and closes its MLflow run; trials end on their own instead.
     if sweep.tune.multi_objective:  # promote by non-dominated rank over every objective (MO-ASHA)

@@ -25,11 +25,11 @@ from ..config import (
     reported_metrics,
 )
 from ..hints import did_you_mean
-from .budget import Budget, check_constraints, check_feasible, class_count
+from .budget import Bounds, Budget, check_constraints, check_feasible, class_count
 from .groups import FORMS as GROUP_FORMS
 from .groups import KEY as GROUP_KEY
 from .groups import layer_groups as layer_groups_of
-from .stages import _PLACEHOLDER, SHARED_KEYS, _base_config, plan_stages, stage_config, trial_config
+from .stages import SHARED_KEYS, _base_config, plan_stages, stage_config, trial_config
 
 SEARCHERS = ("tpe", "nsga2", "random", "grid")
 GROUP_FORM_KEYS = (*GROUP_FORMS, "choice")
@@ -37,15 +37,32 @@ DISTRIBUTIONS = ("uniform", "loguniform", "int", "choice", "grid")
 
 
 @dataclass
+class AshaSettings:
+    """ASHA's rungs, in epochs (Ray's ASHAScheduler; MO-ASHA for several objectives)."""
+
+    grace_period: int = field(default=1, metadata=_spec(low=1))
+    reduction_factor: float = field(default=3.0, metadata=_spec(low=1.0, strict=True))
+
+
+@dataclass
+class SchedulerSettings:
+    """``tune.scheduler``: ``{asha: {...}}`` (``scheduler: none`` is no scheduler: every trial trains in full)."""
+
+    asha: AshaSettings = field(default_factory=AshaSettings)
+
+
+@dataclass
 class TuneSettings:
     num_samples: int = field(default=8, metadata=_spec(low=1))
-    metric: Any = RankConfig.metric  # a name, or a list of names for a multi-objective search
-    mode: Any = RankConfig.mode  # "max"/"min", or a list matching metric
+    # a name, or a list of names for a multi-objective search; each mode "max"/"min", one per metric
+    metric: str | list[str] = RankConfig.metric
+    mode: str | list[str] = field(default=RankConfig.mode, metadata=_spec(choices=("max", "min")))
     searcher: str = field(default="auto", metadata=_spec(choices=("auto", *SEARCHERS)))
-    scheduler: Any = field(default_factory=lambda: {"asha": {"grace_period": 1, "reduction_factor": 3}})
+    scheduler: SchedulerSettings | None = field(default_factory=SchedulerSettings)
     max_concurrent_trials: int = field(default=2, metadata=_spec(low=1))
     workers_per_trial: int = field(default=1, metadata=_spec(low=1))
-    resources_per_worker: Any = field(default_factory=lambda: {"CPU": 1})
+    # Ray resources of each worker: CPU, GPU and custom ones ({CPU: 1, node_a: 0.1}, see RunConfig.resources)
+    resources_per_worker: dict[str, float] = field(default_factory=lambda: {"CPU": 1.0}, metadata=_spec(low=0.0))
     time_budget_s: float | None = field(default=None, metadata=_spec(low=0.0, strict=True))
     seed: int = 0
     keep_checkpoints: int = field(default=1, metadata=_spec(low=1))
@@ -55,17 +72,17 @@ class TuneSettings:
     optuna_storage: str | None = None
     # Budgets on the costs known before training: {model/size_bytes: {max: N}, model/bitops: {max: N, min: M}}.
     # A configuration over budget is rejected before it trains (see ofq_ray.sweep.budget).
-    constraints: Any = field(default_factory=dict)
+    constraints: dict[str, Bounds] = field(default_factory=dict)
     # The most over-budget configurations the searcher may draw in a row for one trial; then the search ends.
     max_rejections: int = field(default=100, metadata=_spec(low=1))
 
     @property
     def metrics(self) -> list[str]:
-        return list(self.metric) if isinstance(self.metric, list) else [self.metric]
+        return [self.metric] if isinstance(self.metric, str) else list(self.metric)
 
     @property
     def modes(self) -> list[str]:
-        return list(self.mode) if isinstance(self.mode, list) else [self.mode]
+        return [self.mode] if isinstance(self.mode, str) else list(self.mode)
 
     @property
     def multi_objective(self) -> bool:
@@ -226,8 +243,8 @@ def sweep_from_dict(raw: dict[str, Any], text: str = "") -> Sweep:
                 trial_config(sweep, {key: value})
             except ConfigError as error:
                 raise ConfigError(f"search.{key}: {value!r} gives an invalid run: {error}") from None
-    for stage in plan_stages(sweep)[0]:
-        stage_config(sweep, stage, {}, init_from=_PLACEHOLDER)
+    for stage in plan_stages(sweep)[0]:  # each starts from the one before, once that one has trained
+        stage_config(sweep, stage, {}, init_from=None)
     classes = class_count(base)
     if tune_settings.constraints and classes is not None:  # else the runner checks, once it knows the data
         check_feasible(sweep, Budget(sweep, classes))
@@ -235,42 +252,18 @@ def sweep_from_dict(raw: dict[str, Any], text: str = "") -> Sweep:
 
 
 def _check_tune(settings: TuneSettings) -> None:
-    metrics, modes = settings.metrics, settings.modes
-    if not all(isinstance(m, str) for m in metrics) or len(metrics) != len(modes):
+    """What the settings' types cannot say (:func:`_build` checked those)."""
+    if len(settings.metrics) != len(settings.modes):
         raise ConfigError(
             f"tune.mode: {settings.mode!r} does not match tune.metric {settings.metric!r}; allowed: one mode per metric"
         )
-    for mode in modes:
-        if mode not in ("max", "min"):
-            raise ConfigError(f"tune.mode: {mode!r} is not allowed; allowed: max, min")
-    scheduler = settings.scheduler
-    if scheduler not in (None, "none") and not (
-        isinstance(scheduler, dict) and list(scheduler) == ["asha"] and isinstance(scheduler["asha"] or {}, dict)
-    ):
-        raise ConfigError(
-            f"tune.scheduler: {scheduler!r} is not allowed; "
-            "allowed: {asha: {grace_period, reduction_factor}} or none"
-        )
-    if isinstance(scheduler, dict):
-        for key, value in (scheduler["asha"] or {}).items():
-            if key not in ("grace_period", "reduction_factor"):
-                raise ConfigError(f"tune.scheduler.asha.{key}: unknown key; allowed: grace_period, reduction_factor")
-            low = 1 if key == "grace_period" else 1.000001
-            if isinstance(value, bool) or not isinstance(value, int | float) or value < low:
-                allowed = "a number >= 1" if key == "grace_period" else "a number > 1"
-                raise ConfigError(f"tune.scheduler.asha.{key}: {value!r} is not allowed; allowed: {allowed}")
-    resources = settings.resources_per_worker
-    if not isinstance(resources, dict) or any(
-        k not in ("CPU", "GPU") or not isinstance(v, int | float) or v < 0 for k, v in resources.items()
-    ):
-        raise ConfigError(f"tune.resources_per_worker: {resources!r} is not allowed; allowed: {{CPU: n, GPU: m}}")
     storage = settings.optuna_storage
-    if storage is not None and not (isinstance(storage, str) and "://" in storage):
+    if storage is not None and "://" not in storage:
         raise ConfigError(
             f"tune.optuna_storage: {storage!r} is not allowed; allowed: a database URL such as "
             "sqlite:////abs/optuna.db or postgresql://user@host/db (or null for one beside the MLflow store)"
         )
-    settings.constraints = check_constraints(settings.constraints)
+    check_constraints(settings.constraints)
     if settings.searcher == "nsga2" and not settings.multi_objective:
         raise ConfigError("tune.searcher: 'nsga2' needs several metrics; allowed: tpe, random, grid for one metric")
 

@@ -46,15 +46,9 @@ def _with_values(base: dict[str, Any], values: dict[str, Any], groups: dict[str,
 # --- planning ------------------------------------------------------------------------------------------
 
 
-_PLACEHOLDER = "runs:/earlier-stage/checkpoints/best"
-
-
 def _base_config(base: dict[str, Any]) -> RunConfig:
-    """The base as a run config; without ``init_from`` it starts from the sweep's earlier stages."""
-    stage = base.get("stage", "pretrain")
-    if stage != "pretrain" and base.get("init_from") is None:
-        return config_from_dict({**base, "init_from": _PLACEHOLDER})
-    return config_from_dict(base)
+    """The base as a run config; without ``init_from`` it starts from the sweep's earlier stages (chained)."""
+    return config_from_dict(base, chained=base.get("init_from") is None)
 
 
 def plan_stages(sweep: Sweep) -> tuple[list[str], list[str]]:
@@ -74,7 +68,9 @@ def plan_stages(sweep: Sweep) -> tuple[list[str], list[str]]:
 
 def stage_config(sweep: Sweep, stage: str, values: dict[str, Any], init_from: str | None) -> RunConfig:
     """The run config of one stage: the trial stage is ``base``; earlier ones take the shared keys of
-    ``base`` plus ``stages.<stage>`` overrides. ``values`` are the trial's searched values."""
+    ``base`` plus ``stages.<stage>`` overrides. ``values`` are the trial's searched values; ``init_from``
+    the checkpoint a qat or cga stage starts from, None while the earlier stage it starts from has not
+    trained yet (the config is chained: its start is checked when it runs)."""
     base = _base_config(sweep.base)
     if stage == base.stage:
         data = _with_values(sweep.base, values, sweep.layer_groups)
@@ -89,16 +85,15 @@ def stage_config(sweep: Sweep, stage: str, values: dict[str, Any], init_from: st
     data.setdefault("tracking", {})
     data["tracking"] = {**data["tracking"], "uri": sweep.mlflow.tracking_uri, "register_as": None}
     data["workers"] = sweep.tune.workers_per_trial
-    resources = sweep.tune.resources_per_worker
-    data["use_gpu"] = bool(resources.get("GPU", 0))
-    data["cpus_per_worker"] = float(resources.get("CPU", 1))
+    resources = dict(sweep.tune.resources_per_worker)
+    data["cpus_per_worker"] = resources.pop("CPU", 1.0)
+    data["use_gpu"] = bool(resources.pop("GPU", 0.0))
+    data["resources"] = resources
     data["keep_checkpoints"] = sweep.tune.keep_checkpoints
     if stage in plan_stages(sweep)[1]:  # a trial's stages rank by the sweep's metric; shared ones keep their own
         data["rank"] = {"metric": sweep.rank.metric, "mode": sweep.rank.mode}
-    if stage != "pretrain" and init_from is None and data.get("init_from") is None:
-        raise ConfigError(f"stages.{stage}: no checkpoint to start from")
     try:
-        return config_from_dict(data)
+        return config_from_dict(data, chained=init_from is None)
     except ConfigError as error:
         raise ConfigError(f"stages.{stage}: {error}" if stage != base.stage else str(error)) from None
 

@@ -7,6 +7,7 @@ import json
 import math
 import os
 import shutil
+import statistics
 import warnings
 from dataclasses import dataclass, field
 from typing import Any
@@ -82,6 +83,10 @@ def summarize(sweep: Sweep, grid: Any, context: dict[str, Any], parent: Any, log
                 "config": dict(result.config or {}),
                 "costs": {m: child["metrics"].get(m) if child else None for m in sweep.tune.constraints},
                 "run_id": child["run_id"] if child else None,
+                "overhead_s": _float_tag(child, "ofq.overhead_s"),
+                "worker_setup_s": sum(
+                    _float_tag(child, f"ofq.worker_setup_s.{stage}") or 0.0 for stage in context["trial_stages"]
+                ),
             }
         )
     completed = [t for t in trials if t["status"] == "completed" and t["best"] is not None and t["run_id"]]
@@ -234,6 +239,15 @@ def _log_summary(sweep: Sweep, result: SweepResult, parent: Any, log: Any, conte
         f"{counts['stopped']} stopped by the scheduler, {counts['errored']} errored); "
         f"checkpoints kept: {result.bytes_kept / 2**20:.1f} MiB\n"
     )
+    overheads = sorted(t["overhead_s"] for t in result.trials if t["overhead_s"] is not None)
+    if overheads:
+        setups = sorted(t["worker_setup_s"] for t in result.trials if t["overhead_s"] is not None)
+        summary += (
+            "Ray overhead per trial (wall time outside training and evaluation): "
+            f"median {statistics.median(overheads):.1f} s, "
+            f"max {overheads[-1]:.1f} s; of it, the workers' setup (data, model, teacher): median "
+            f"{statistics.median(setups):.1f} s\n"
+        )
     if sweep.tune.constraints:
         summary += (
             f"budget ({describe_constraints(sweep.tune.constraints)}): {result.rejected} configurations over budget "
@@ -273,6 +287,8 @@ def _log_summary(sweep: Sweep, result: SweepResult, parent: Any, log: Any, conte
         # The run's description in the MLflow UI, rendered as markdown: what a user opening the sweep sees.
         NOTE_TAG: _note(markdown),
     }
+    if overheads:
+        tags["ofq.overhead_s_median"] = f"{statistics.median(overheads):.2f}"
     if sweep.tune.constraints:
         tags["ofq.constraints"] = describe_constraints(sweep.tune.constraints)
         tags["ofq.rejected_over_budget"] = str(result.rejected)
@@ -282,6 +298,11 @@ def _log_summary(sweep: Sweep, result: SweepResult, parent: Any, log: Any, conte
 
 
 NOTE_TAG = "mlflow.note.content"  # MLflow's run description
+
+
+def _float_tag(run: dict[str, Any] | None, key: str) -> float | None:
+    value = (run or {}).get("tags", {}).get(key)
+    return float(value) if value else None
 
 
 def _markdown(summary: str) -> str:
