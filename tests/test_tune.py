@@ -437,19 +437,23 @@ def test_best_cli_names_the_champion(smoke: tuple[Any, Path]) -> None:
     assert best["champion"].startswith("models:/smoke@champion")
 
 
-def test_ui_serves_the_sweep_over_rest_on_localhost(smoke: tuple[Any, Path]) -> None:
+def test_the_ui_shows_the_sweep_in_a_browser(smoke: tuple[Any, Path]) -> None:
+    # `ofq-ray ui` on the real sweep's store, in headless Chromium: the runs page with the parent and its six
+    # trials, the parent's summary and plots, the champion alias (tests/browser.py; screenshots kept).
     import urllib.request
+
+    from browser import check_sweep_ui
 
     _, runs = smoke
     port = _free_port()
     server = subprocess.Popen(
-        [sys.executable, "-m", "ofq_ray.cli", "ui", "--runs-dir", str(runs), "--port", str(port)],
+        [sys.executable, "-m", "ofq_ray.cli", "ui", "--runs-dir", str(runs), "--port", str(port), "--workers", "1"],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
         start_new_session=True,
     )
     try:
-        deadline = time.time() + 90
+        deadline = time.time() + 120
         while True:
             try:
                 with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as response:
@@ -458,20 +462,7 @@ def test_ui_serves_the_sweep_over_rest_on_localhost(smoke: tuple[Any, Path]) -> 
             except OSError:
                 assert server.poll() is None and time.time() < deadline, "MLflow server did not come up"
                 time.sleep(1)
-        request = urllib.request.Request(
-            f"http://127.0.0.1:{port}/api/2.0/mlflow/experiments/get-by-name?experiment_name=smoke"
-        )
-        with urllib.request.urlopen(request, timeout=10) as response:
-            experiment = json.load(response)["experiment"]
-        body = json.dumps({"experiment_ids": [experiment["experiment_id"]], "max_results": 100}).encode()
-        search = urllib.request.Request(
-            f"http://127.0.0.1:{port}/api/2.0/mlflow/runs/search",
-            data=body,
-            headers={"Content-Type": "application/json"},
-        )
-        with urllib.request.urlopen(search, timeout=10) as response:
-            runs_found = json.load(response)["runs"]
-        assert len(runs_found) == 7  # the sweep's parent and its six trials
+        check_sweep_ui(f"http://127.0.0.1:{port}", "smoke", "smoke", REPO / "test-output" / "test_tune")
     finally:
         os.killpg(server.pid, signal.SIGTERM)
         server.wait(timeout=30)
