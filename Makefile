@@ -25,12 +25,12 @@ $(DATASET):
 $(CHROMIUM):
 	$(SUDO) apt-get install -y chromium || ($(SUDO) apt-get update && $(SUDO) apt-get install -y chromium)
 
-setup: $(INSTALLED) $(DATASET) $(CHROMIUM)
+setup: $(INSTALLED) $(DATASET)
 
 sweep: setup
 	$(BIN)/ofq-ray tune search_spaces/cga.yaml
 
-test: setup
+test: setup $(CHROMIUM)  # the browser only the tests need
 	$(BIN)/pytest -q
 
 lint: setup

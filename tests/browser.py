@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from playwright.sync_api import Page
 
-CHROMIUM = os.environ.get("OFQ_CHROMIUM", "/usr/bin/chromium")
+CHROMIUM = "/usr/bin/chromium"  # Debian's package (make test installs it)
 TIMEOUT_MS = 120_000  # a cold MLflow UI (a 10 MB bundle) on two busy cores
 RUN_NAME_CELL = '[col-id="attributes.`Run Name`"]'  # the runs table's (ag-grid) run-name column
 
