@@ -249,6 +249,9 @@ def dataset_info(config: RunConfig) -> DatasetInfo:
     return info
 
 
+PREEMPTION_WATCHER_ENV = "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"
+
+
 def run_training(
     config: RunConfig,
     *,
@@ -277,6 +280,9 @@ def run_training(
     from .tracking import RunTracker, ensure_experiment, flatten, resolve_tracking_uri
 
     started = time.time()
+    # Ray Train's preemption watcher (an extra actor per run, and an error-level line from Ray core each
+    # time) only helps on nodes that announce they will go (spot instances); opt in with =1 there.
+    os.environ.setdefault(PREEMPTION_WATCHER_ENV, "0")
     config.check_start()  # a sweep's chained stage is built before its init_from exists; it must have one now
     runs_dir = os.path.abspath(config.runs_dir)
     tracking_uri = resolve_tracking_uri(config.tracking.uri, runs_dir)

@@ -214,12 +214,22 @@ def test_best_checkpoint_follows_the_mode_takes_the_earliest_tie_and_skips_nan()
     assert _best_checkpoint(kept(), RankConfig()) == "last"
 
 
+def _preemption_watchers() -> int:
+    from ray.util.state import list_actors
+
+    return len(list_actors(filters=[("class_name", "=", "PreemptionWatcher")], limit=1000))
+
+
 def test_a_killed_worker_resumes_from_the_last_checkpoint(
-    pretrained: TrainingResult, runs_dir: Path, tmp_path: Path
+    pretrained: TrainingResult, runs_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    # The runs before (the pretrained fixture's) had no preemption watcher: it is off unless asked for.
+    assert _preemption_watchers() == 0
+    monkeypatch.setenv("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "1")  # as a user on spot instances would
     marker = tmp_path / "killed"
     cfg = config(runs_dir, stage="pretrain", epochs=3, workers=2, max_failures=1, tracking__experiment="fault")
     result = run_training(cfg, test_hooks={"kill_at": {"epoch": 1, "step": 3, "rank": 1, "marker": str(marker)}})
+    assert _preemption_watchers() >= 1
     assert marker.exists()  # the worker really died mid-epoch 1
     assert metric_steps(result, "val/top1") == [0, 1, 2]  # epoch 0 not repeated, none missing
     assert metric_steps(result, "epoch") == [0, 1, 2]
