@@ -71,7 +71,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     log_path = runs.parent / "server.log"
     with open(log_path, "wb") as log:
         process = subprocess.Popen(
-            [sys.executable, "-m", "ofq_ray.cli", "ui", "--runs-dir", str(runs), "--port", str(port), "--workers", "1"],
+            [sys.executable, "-m", "ofq_ray.cli", "ui", "--runs-dir", str(runs), "--port", str(port), "--workers", "2"],
             env=env,
             stdout=log,
             stderr=subprocess.STDOUT,
@@ -219,6 +219,20 @@ def test_ui_serves_a_database_store_not_a_server(
     assert command[command.index("--backend-store-uri") + 1] == f"sqlite:///{tmp_path / 'runs' / DB_FILE_NAME}"
     assert command[command.index("--artifacts-destination") + 1] == str(tmp_path / "runs" / "mlartifacts")
     assert "--serve-artifacts" in command and command[command.index("--host") + 1] == "127.0.0.1"
+
+
+def test_the_server_runs_the_worker_processes_asked_for(server: Server) -> None:
+    # `--workers 2`: uvicorn's two worker processes in the server's process group (with 1 it serves in-process).
+    workers = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as handle:
+                command = handle.read().replace(b"\0", b" ")
+        except OSError:
+            continue
+        if _group(int(pid)) == server.process.pid and b"multiprocessing.spawn" in command:
+            workers.append(pid)
+    assert len(workers) == 2, workers
 
 
 def test_runs_log_upload_register_and_download_through_the_server(server: Server, sweep: Sweep) -> None:
