@@ -236,7 +236,7 @@ def test_mixed_precision_arms_validate_with_the_same_trials_epochs_and_fp_stage(
     setup = mixed_precision.QUICK
     plan = mixed_precision.plan(setup, str(tmp_path), "test")  # every spec through sweep_from_dict, no Ray
     uniform, mixed = plan.uniform, plan.mixed
-    assert [s.tune.scheduler for s in [*uniform, mixed]] == ["none"] * (len(uniform) + 1)
+    assert [s.tune.scheduler for s in [*uniform, mixed]] == [None] * (len(uniform) + 1)  # no early stopping
     assert sum(s.tune.num_samples for s in uniform) == mixed.tune.num_samples == setup.trials == 6
     assert [s.search for s in uniform] == [{"quant.bits": {"grid": ["2/2", "3/3", "4/4"]}}] * 2
     assert len(mixed.layer_groups) == 6  # attn and mlp of the 3 blocks
