@@ -230,7 +230,7 @@ def test_mixed_precision_arms_validate_with_the_same_trials_epochs_and_fp_stage(
     import sweep_efficiency
 
     from ofq_ray.sweep import sweep_from_dict
-    from ofq_ray.sweep.budget import Budget
+    from ofq_ray.sweep.budget import Bounds, Budget
     from ofq_ray.sweep.stages import plan_stages, stage_config, trial_config
 
     setup = mixed_precision.QUICK
@@ -257,7 +257,7 @@ def test_mixed_precision_arms_validate_with_the_same_trials_epochs_and_fp_stage(
     # uniform configurations cost what the uniform widths cost; all-4/4 is over budget, all-3/3 is not.
     sizes = plan.sizes
     assert sizes["2/2"] < sizes["3/3"] < sizes["4/4"]
-    assert mixed.tune.constraints == {"model/size_bytes": {"max": sizes["3/3"]}}
+    assert mixed.tune.constraints == {"model/size_bytes": Bounds(max=sizes["3/3"])}
     budget = Budget(mixed, 10)
     for width in ("2/2", "3/3", "4/4"):
         costs = budget.costs({key: width for key in mixed.layer_groups})
