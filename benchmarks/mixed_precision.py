@@ -379,23 +379,14 @@ def plot(arms: dict[str, dict[str, Any]], analysis: dict[str, Any]) -> str:
             axes.step(xs, [p["top1"] for p in steps], where="post", color=color, alpha=0.8)
     for width, row in analysis["widths"].items():
         axes.annotate(label(width), (row["bytes"] / 1024, row["top1"]), textcoords="offset points", xytext=(4, 4))
-    checks = analysis["checks"]
-    axes.axvline(checks["w4a4_top1_at_75pct_bytes"]["max_bytes"] / 1024, color="tab:red", ls=":", lw=1)
-    axes.axvline(checks["w3a3_plus_0.5_at_its_bytes"]["max_bytes"] / 1024, color="tab:green", ls=":", lw=1)
-    axes.axhline(
-        checks["w4a4_top1_at_75pct_bytes"]["needed_top1"],
-        color="tab:red",
-        ls=":",
-        lw=1,
-        label="target: W4A4's top-1 at 75 % of its bytes",
+    targets = (
+        ("w4a4_top1_at_75pct_bytes", "tab:red", "target: W4A4's top-1 at 75 % of its bytes"),
+        ("w3a3_plus_0.5_at_its_bytes", "tab:green", "target: W3A3's top-1 + 0.5 at its bytes"),
     )
-    axes.axhline(
-        checks["w3a3_plus_0.5_at_its_bytes"]["needed_top1"],
-        color="tab:green",
-        ls=":",
-        lw=1,
-        label="target: W3A3's top-1 + 0.5 at its bytes",
-    )
+    for key, color, label_text in targets:  # each target's corner: at most these bytes, at least this top-1
+        check = analysis["checks"][key]
+        axes.axvline(check["max_bytes"] / 1024, color=color, ls=":", lw=1)
+        axes.axhline(check["needed_top1"], color=color, ls=":", lw=1, label=label_text)
     axes.set_xlabel("model size (KiB)")
     axes.set_ylabel("best top-1 (%)")
     axes.legend(fontsize=8)

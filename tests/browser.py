@@ -17,7 +17,11 @@ import contextlib
 import json
 import os
 import re
+import signal
+import socket
+import subprocess
 import sys
+import time
 import urllib.parse
 import urllib.request
 from collections.abc import Iterator
@@ -33,10 +37,49 @@ RUN_NAME_CELL = '[col-id="attributes.`Run Name`"]'  # the runs table's (ag-grid)
 
 
 @contextlib.contextmanager
+def ui_server(
+    runs_dir: Path, *, workers: int = 1, log_path: Path | None = None
+) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
+    """`ofq-ray ui` on ``runs_dir`` and a free port of 127.0.0.1, in its own session (stopped as a group);
+    yields its URL and process once /health answers."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = int(sock.getsockname()[1])
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}  # the folder's store, not another
+    command = [sys.executable, "-m", "ofq_ray.cli", "ui", "--runs-dir", str(runs_dir), "--port", str(port)]
+    with open(log_path or os.devnull, "wb") as log:
+        process = subprocess.Popen(
+            [*command, "--workers", str(workers)], env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 240  # creating the database and importing MLflow twice, on two busy cores
+        while True:
+            try:
+                with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
+                    if response.status == 200:
+                        break
+            except OSError:
+                pass
+            if process.poll() is not None or time.time() > deadline:
+                shown = log_path.read_text()[-3000:] if log_path else ""
+                raise RuntimeError(f"`ofq-ray ui` did not come up at {url}\n{shown}")
+            time.sleep(0.5)
+        yield url, process
+    finally:
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait(timeout=30)
+
+
+@contextlib.contextmanager
 def browser_page() -> Iterator[Page]:
     """One headless Chromium with one page; reuse the page for every check of a test module."""
     if not os.access(CHROMIUM, os.X_OK):
-        raise RuntimeError(f"no Chromium at {CHROMIUM}: `make setup` installs it (apt-get install -y chromium)")
+        raise RuntimeError(f"no Chromium at {CHROMIUM}: `make test` installs it (apt-get install -y chromium)")
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as playwright:

@@ -6,19 +6,14 @@ from __future__ import annotations
 
 import hashlib
 import os
-import signal
-import socket
 import subprocess
-import sys
-import time
-import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import torch
-from browser import browser_page, check_sweep_ui
+from browser import browser_page, check_sweep_ui, ui_server
 from mlflow import MlflowClient
 
 from ofq_ray.checkpoint import STATE_FILE, build_model, load_model, save_checkpoint
@@ -49,12 +44,6 @@ CONFIG = {
 }
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 @dataclass
 class Server:
     url: str
@@ -64,39 +53,10 @@ class Server:
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    """`ofq-ray ui` on a fresh runs folder and a free port, in its own session (killed as a group)."""
+    """`ofq-ray ui --workers 2` on a fresh runs folder (tests/browser.py: ui_server)."""
     runs = tmp_path_factory.mktemp("served-runs")
-    port = _free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
-    log_path = runs.parent / "server.log"
-    with open(log_path, "wb") as log:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "ofq_ray.cli", "ui", "--runs-dir", str(runs), "--port", str(port), "--workers", "2"],
-            env=env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.time() + 240  # creating the database and importing MLflow twice, on two busy cores
-        while True:
-            try:
-                with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
-                    assert response.status == 200
-                break
-            except OSError:
-                if process.poll() is not None or time.time() > deadline:
-                    pytest.fail(f"`ofq-ray ui` did not come up:\n{log_path.read_text()[-3000:]}")
-                time.sleep(0.5)
+    with ui_server(runs, workers=2, log_path=runs.parent / "server.log") as (url, process):
         yield Server(url, runs, process)
-    finally:
-        os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait(timeout=30)
 
 
 @dataclass

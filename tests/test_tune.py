@@ -440,29 +440,8 @@ def test_best_cli_names_the_champion(smoke: tuple[Any, Path]) -> None:
 def test_the_ui_shows_the_sweep_in_a_browser(smoke: tuple[Any, Path]) -> None:
     # `ofq-ray ui` on the real sweep's store, in headless Chromium: the runs page with the parent and its six
     # trials, the parent's summary and plots, the champion alias (tests/browser.py; screenshots kept).
-    import urllib.request
-
-    from browser import check_sweep_ui
+    from browser import check_sweep_ui, ui_server
 
     _, runs = smoke
-    port = _free_port()
-    server = subprocess.Popen(
-        [sys.executable, "-m", "ofq_ray.cli", "ui", "--runs-dir", str(runs), "--port", str(port), "--workers", "1"],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
-    try:
-        deadline = time.time() + 120
-        while True:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as response:
-                    assert response.status == 200
-                break
-            except OSError:
-                assert server.poll() is None and time.time() < deadline, "MLflow server did not come up"
-                time.sleep(1)
-        check_sweep_ui(f"http://127.0.0.1:{port}", "smoke", "smoke", REPO / "test-output" / "test_tune")
-    finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        server.wait(timeout=30)
+    with ui_server(runs) as (url, _):
+        check_sweep_ui(url, "smoke", "smoke", REPO / "test-output" / "test_tune")
