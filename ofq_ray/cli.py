@@ -15,7 +15,7 @@ from collections.abc import Callable
 from typing import Any
 
 from .config import RunConfig, load_config
-from .errors import ConfigError, UsageError, UserError
+from .errors import ClusterError, ConfigError, UsageError, UserError
 
 USAGE_ERROR = 2
 
@@ -300,6 +300,9 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as error:  # bad input (ofq_ray.errors); anything else is a bug and keeps its traceback
         print(f"ofq-ray: error: {error}", file=sys.stderr)
         return USAGE_ERROR
+    except ClusterError as error:  # the cluster, not the input: say what is missing
+        print(f"ofq-ray: error: {error}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("ofq-ray: interrupted", file=sys.stderr)
         return 130

@@ -31,3 +31,8 @@ class TrackingError(UserError):
 
 class UsageError(UserError):
     """A command-line combination that is not allowed."""
+
+
+class ClusterError(RuntimeError):
+    """Not bad input: the Ray cluster can no longer run what a sweep needs (nodes lost and not back in
+    time). One line too; the CLI exits with status 1."""

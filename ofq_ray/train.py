@@ -5,12 +5,17 @@ MLflow URIs) into state dicts in the object store, creates the MLflow run, and l
 ``TorchTrainer``. Each worker builds the model, trains with :mod:`ofq_ray.engine`, and rank 0 writes a
 checkpoint and syncs the per-epoch history to MLflow after every epoch. A worker that dies is restarted
 by Ray from the last checkpoint (``max_failures``); the history sync logs every epoch exactly once.
+
+A sweep trial with one worker runs the same loop in its own Ray Tune process instead (``in_process``):
+:class:`LocalSession` keeps the checkpoints and reports to Tune, where :class:`RayTrainSession` goes
+through Ray Train.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -266,6 +271,7 @@ def run_training(
     finish_run: bool = True,
     artifact_prefix: str = "",
     address: str | None = None,
+    in_process: bool = False,
 ) -> TrainingResult:
     """Runs one stage end to end; returns where its checkpoints and metrics are.
 
@@ -273,6 +279,12 @@ def run_training(
     nothing behind. ``run_id`` reuses an existing MLflow run (a restarted sweep trial, or the next
     stage of a trial that chains stages: then ``epoch_offset`` continues its epoch axis,
     ``artifact_prefix`` keeps the stages' checkpoints apart and ``finish_run=False`` leaves it open).
+
+    ``in_process`` (a sweep trial with one worker) trains in this process, which already holds the
+    worker's resources, instead of starting a Ray Train worker group: same loop, same checkpoint folders
+    and retention, epochs reported to Ray Tune directly. A failure is then retried by Tune (the trial
+    restarts and resumes from the stage's last checkpoint), and the run is left open for the sweep to
+    close.
     """
     import ray.train
     from ray.train.torch import TorchTrainer
@@ -316,32 +328,44 @@ def run_training(
         "test_hooks": test_hooks or {},
         "epoch_offset": epoch_offset,
     }
-    trainer = TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config=loop_config,
-        scaling_config=scaling_config(config),
-        run_config=ray.train.RunConfig(
-            name=ray_run_name or f"{config.stage}-{tracker.run_id}",
-            storage_path=os.path.join(runs_dir, "ray"),
-            failure_config=ray.train.FailureConfig(max_failures=config.max_failures),
-            checkpoint_config=ray.train.CheckpointConfig(
-                num_to_keep=config.keep_checkpoints,
-                checkpoint_score_attribute=config.rank.metric,
-                checkpoint_score_order=config.rank.mode,  # type: ignore[arg-type]
+    storage = os.path.join(runs_dir, "ray", ray_run_name or f"{config.stage}-{tracker.run_id}")
+    if in_process:
+        session = LocalSession(storage, config)
+        try:
+            _train_loop(loop_config, session)
+        except BaseException:
+            if run_id is None:  # a sweep trial's run stays open: Tune may retry, the sweep closes it
+                _close_run(tracker, "FAILED", reused=False)
+            raise
+        kept, last_path = session.kept(), session.latest()
+    else:
+        trainer = TorchTrainer(
+            train_loop_per_worker,
+            train_loop_config=loop_config,
+            scaling_config=scaling_config(config),
+            run_config=ray.train.RunConfig(
+                name=os.path.basename(storage),
+                storage_path=os.path.dirname(storage),
+                failure_config=ray.train.FailureConfig(max_failures=config.max_failures),
+                checkpoint_config=ray.train.CheckpointConfig(
+                    num_to_keep=config.keep_checkpoints,
+                    checkpoint_score_attribute=config.rank.metric,
+                    checkpoint_score_order=config.rank.mode,  # type: ignore[arg-type]
+                ),
+                callbacks=ray_callbacks,
+                logging_config=ray.train.LoggingConfig(log_level="WARNING"),  # type: ignore[call-arg]
             ),
-            callbacks=ray_callbacks,
-            logging_config=ray.train.LoggingConfig(log_level="WARNING"),  # type: ignore[call-arg]
-        ),
-    )
-    try:
-        result = trainer.fit()
-    except BaseException:
-        _close_run(tracker, "FAILED", reused=run_id is not None)
-        raise
-    last_state = read_checkpoint(result.checkpoint.path) if result.checkpoint else None
+        )
+        try:
+            result = trainer.fit()
+        except BaseException:
+            _close_run(tracker, "FAILED", reused=run_id is not None)
+            raise
+        kept = [(str(c.path), m) for c, m in result.best_checkpoints or []]
+        last_path = result.checkpoint.path if result.checkpoint else None
+    last_state = read_checkpoint(last_path) if last_path else None
     history: list[dict[str, float]] = last_state["history"] if last_state else []
-    best_path = _best_checkpoint(result, config.rank)
-    last_path = result.checkpoint.path if result.checkpoint else None
+    best_path = best_checkpoint(kept, config.rank) or last_path
     if best_path:
         tracker.log_artifact(best_path, f"{artifact_prefix}checkpoints/best")
     if last_path and last_path != best_path:
@@ -387,13 +411,12 @@ def _close_run(tracker: Any, status: str, *, reused: bool) -> None:
     tracker.finish(status)
 
 
-def _best_checkpoint(result: Any, rank: RankConfig) -> str | None:
-    """The kept checkpoint with the best ranking metric (the earliest epoch on ties)."""
-    kept = sorted(result.best_checkpoints or [], key=lambda pair: pair[1].get("epoch", 0.0))
-    best = rank.best(kept, lambda pair: pair[1].get(rank.metric))
-    if best is not None:
-        return str(best[0].path)
-    return result.checkpoint.path if result.checkpoint else None
+def best_checkpoint(kept: list[tuple[str, dict[str, float]]], rank: RankConfig) -> str | None:
+    """Of the kept (folder, metrics) checkpoints, the one with the best ranking metric (the earliest epoch on
+    ties); None when none is kept."""
+    ordered = sorted(kept, key=lambda pair: pair[1].get("epoch", 0.0))
+    best = rank.best(ordered, lambda pair: pair[1].get(rank.metric))
+    return best[0] if best is not None else None
 
 
 # --- worker side ------------------------------------------------------------------------------------------
@@ -423,24 +446,137 @@ def _quiet_ray_train_reports() -> None:
     logging.getLogger(train_context.__file__).setLevel(logging.WARNING)
 
 
+class RayTrainSession:
+    """The loop's view of a Ray Train worker: its rank, device, the checkpoint to resume from, and where an
+    epoch's report goes (``ray.train.report``, which Ray persists and ranks for retention)."""
+
+    def __init__(self) -> None:
+        import ray.train
+
+        context = ray.train.get_context()
+        self.rank, self.world = context.get_world_rank(), context.get_world_size()
+
+    def device(self) -> torch.device:
+        import ray.train.torch
+
+        return ray.train.torch.get_device()
+
+    def prepare(self, model: torch.nn.Module) -> torch.nn.Module:
+        import ray.train.torch
+
+        if self.world > 1 or self.device().type != "cpu":
+            return ray.train.torch.prepare_model(model)
+        return model
+
+    def resume_from(self) -> str | None:
+        import ray.train
+
+        checkpoint = ray.train.get_checkpoint()
+        return checkpoint.path if checkpoint is not None else None
+
+    def report(self, metrics: dict[str, float], state: dict[str, Any] | None, epoch: int) -> None:
+        import ray.train
+
+        with tempfile.TemporaryDirectory() as tmp:
+            checkpoint = None
+            if state is not None:
+                save_checkpoint(tmp, state)
+                checkpoint = ray.train.Checkpoint.from_directory(tmp)
+            ray.train.report(metrics, checkpoint=checkpoint)
+
+
+class LocalSession:
+    """The loop's view of a one-worker stage trained in the calling process (a Ray Tune trial, which holds
+    the worker's resources): the same ``checkpoint_*`` folders and retention as Ray Train would keep under
+    ``storage`` (the ``keep_checkpoints`` best by the ranking metric, and the latest), and each epoch's
+    metrics reported to Ray Tune, whose scheduler may stop the trial there."""
+
+    rank, world = 0, 1
+
+    def __init__(self, storage: str, config: RunConfig) -> None:
+        self.storage, self.keep, self.rank_by = storage, config.keep_checkpoints, config.rank
+        self.use_gpu = config.use_gpu
+
+    def device(self) -> torch.device:
+        # Ray hands a trial that holds a GPU exactly that one (CUDA_VISIBLE_DEVICES): it is cuda:0 here.
+        return torch.device("cuda", 0) if self.use_gpu else torch.device("cpu")
+
+    def prepare(self, model: torch.nn.Module) -> torch.nn.Module:
+        return model
+
+    def _checkpoints(self) -> list[tuple[str, dict[str, float]]]:
+        """(folder, that epoch's metrics) of every readable checkpoint, oldest first."""
+        found = []
+        for name in sorted(os.listdir(self.storage)) if os.path.isdir(self.storage) else []:
+            path = os.path.join(self.storage, name)
+            if not name.startswith("checkpoint_"):
+                continue
+            try:
+                history = read_checkpoint(path)["history"]
+            except CheckpointError:  # a folder whose state.pt was never written (killed mid-save)
+                continue
+            found.append((path, history[-1] if history else {}))
+        return found
+
+    def kept(self) -> list[tuple[str, dict[str, float]]]:
+        return self._checkpoints()
+
+    def latest(self) -> str | None:
+        found = self._checkpoints()
+        return found[-1][0] if found else None
+
+    def resume_from(self) -> str | None:
+        return self.latest()
+
+    def report(self, metrics: dict[str, float], state: dict[str, Any] | None, epoch: int) -> None:
+        from ray import tune
+
+        if state is not None:
+            self.save(state, epoch)
+        tune.report(metrics)
+
+    def save(self, state: dict[str, Any], epoch: int) -> str:
+        path = os.path.join(self.storage, f"checkpoint_{epoch:06d}")
+        save_checkpoint(path, state)
+        self._retain()
+        return path
+
+    def _retain(self) -> None:
+        """Deletes what Ray Train's CheckpointConfig(num_to_keep, score attribute, order) would: every
+        checkpoint but the ``keep`` best by the ranking metric (the earliest on ties) and the latest."""
+        found = self._checkpoints()
+        remaining, kept = list(found), {found[-1][0]} if found else set()
+        for _ in range(self.keep):
+            best = self.rank_by.best(remaining, lambda pair: pair[1].get(self.rank_by.metric))
+            if best is None:  # the rest lack the metric (or it is NaN)
+                break
+            kept.add(best[0])
+            remaining.remove(best)
+        for path, _ in found:
+            if path not in kept:
+                shutil.rmtree(path, ignore_errors=True)
+
+
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
-    """The per-worker loop Ray Train runs (also usable in-process with ``num_workers=0``): build, resume,
-    then one train epoch + eval + MLflow log + checkpoint report per epoch."""
+    """The per-worker loop Ray Train runs: see :func:`_train_loop`."""
+    _quiet_ray_train_reports()
+    _train_loop(loop_config, RayTrainSession())
+
+
+def _train_loop(loop_config: dict[str, Any], session: Any) -> None:
+    """Build, resume, then one train epoch + eval + MLflow log + checkpoint report per epoch, on the worker
+    ``session`` describes (a Ray Train worker, or this process for an in-process trial)."""
     import ray
-    import ray.train
-    import ray.train.torch
 
     from .quant.cost import model_cost
     from .tracking import RunTracker
 
     entered = time.perf_counter()
-    _quiet_ray_train_reports()
     config = config_from_dict(loop_config["config"])
     info = DatasetInfo(**loop_config["data_info"])
-    context = ray.train.get_context()
-    rank, world = context.get_world_rank(), context.get_world_size()
+    rank, world = session.rank, session.world
     torch.set_num_threads(max(1, int(config.cpus_per_worker)))
-    device = ray.train.torch.get_device()
+    device = session.device()
     sources = {k: ray.get(v) for k, v in loop_config["sources"].items()}
 
     train_set, train_loader, val_loader = _worker_data(config, info, rank, world)
@@ -448,13 +584,12 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     model.to(device)
     teacher_fn = _worker_teacher(config, info, sources, device)
     optimizer, schedule, cga, tracker = _worker_optimization(config, model, sources)
-    start_epoch, history = _resume(model, optimizer, tracker)
+    start_epoch, history = _resume(model, optimizer, tracker, session.resume_from())
 
     # Exact packed size (each layer at its own width) and BitOPs per image: known before training, so
     # free objectives (and budgets) for sweeps; run_cost (ofq_ray.cost) gives the same numbers up front.
     costs = model_cost(model, (info.in_chans, info.img_size, info.img_size))
-    if world > 1 or device.type != "cpu":
-        model = ray.train.torch.prepare_model(model)
+    model = session.prepare(model)
     if config.compile:
         model = torch.compile(model)  # type: ignore[assignment]
     offset = int(loop_config.get("epoch_offset", 0))
@@ -465,7 +600,10 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     if run is not None and history:
         run.sync_history(history)  # epochs checkpointed before a crash but not yet logged
     if run is not None:  # what a run costs before its first step (a sweep's per-trial overhead has it)
-        run.set_tags({f"ofq.worker_setup_s.{config.stage}": f"{time.perf_counter() - entered:.2f}"})
+        setup = {f"ofq.worker_setup_s.{config.stage}": f"{time.perf_counter() - entered:.2f}"}
+        if start_epoch:  # restarted (a lost worker or node): where it picked up
+            setup[f"ofq.resumed_at_epoch.{config.stage}"] = str(start_epoch)
+        run.set_tags(setup)
 
     for epoch in range(start_epoch, config.epochs):
         epoch_started = time.perf_counter()
@@ -502,7 +640,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             run.sync_history(history)
             sys.stdout.write(_progress_line(config, epoch, metrics) + "\n")
             sys.stdout.flush()
-        _report(metrics, rank, loop_config, config, info, epoch, model, optimizer, tracker, history)
+        _report(session, metrics, loop_config, config, info, epoch, model, optimizer, tracker, history)
 
 
 def _worker_data(config: RunConfig, info: DatasetInfo, rank: int, world: int) -> tuple[Any, Any, Any]:
@@ -599,15 +737,14 @@ def _worker_optimization(
     return optimizer, schedule, cga, tracker
 
 
-def _resume(model: torch.nn.Module, optimizer: Any, tracker: Any) -> tuple[int, list[dict[str, float]]]:
-    """(first epoch to train, history so far): from Ray Train's latest checkpoint after a restart."""
-    import ray.train
-
-    resume = ray.train.get_checkpoint()
-    if resume is None:
+def _resume(
+    model: torch.nn.Module, optimizer: Any, tracker: Any, path: str | None
+) -> tuple[int, list[dict[str, float]]]:
+    """(first epoch to train, history so far): from the stage's latest checkpoint after a restart."""
+    if path is None:
         return 0, []
-    state = read_checkpoint(resume.path)
-    load_model_state(model, state["model_state"], resume.path)
+    state = read_checkpoint(path)
+    load_model_state(model, state["model_state"], path)
     optimizer.load_state_dict(state["optimizer_state"])
     if tracker is not None and state.get("tracker_state"):
         tracker.load_state_dict(state["tracker_state"])
@@ -616,8 +753,8 @@ def _resume(model: torch.nn.Module, optimizer: Any, tracker: Any) -> tuple[int, 
 
 
 def _report(
+    session: Any,
     metrics: dict[str, float],
-    rank: int,
     loop_config: dict[str, Any],
     config: RunConfig,
     info: DatasetInfo,
@@ -627,30 +764,23 @@ def _report(
     tracker: Any,
     history: list[dict[str, float]],
 ) -> None:
-    """Reports the epoch to Ray Train with rank 0's checkpoint (everything a restart resumes from)."""
-    import ray.train
-
-    with tempfile.TemporaryDirectory() as tmp:
-        checkpoint = None
-        if rank == 0:
-            save_checkpoint(
-                tmp,
-                {
-                    "stage": config.stage,
-                    "config": config.to_dict(),
-                    "data_info": info.__dict__,
-                    "epoch": epoch + 1,
-                    "model_state": unwrap(model).state_dict(),
-                    "optimizer_state": optimizer.state_dict(),
-                    "tracker_state": tracker.state_dict() if tracker is not None else {},
-                    "history": history,
-                    "rng_state": torch.get_rng_state(),
-                    "teacher_source": loop_config.get("teacher_source"),
-                    "mlflow_run_id": loop_config["run_id"],
-                },
-            )
-            checkpoint = ray.train.Checkpoint.from_directory(tmp)
-        ray.train.report(metrics, checkpoint=checkpoint)
+    """Reports the epoch with rank 0's checkpoint (everything a restart resumes from)."""
+    state = None
+    if session.rank == 0:
+        state = {
+            "stage": config.stage,
+            "config": config.to_dict(),
+            "data_info": info.__dict__,
+            "epoch": epoch + 1,
+            "model_state": unwrap(model).state_dict(),
+            "optimizer_state": optimizer.state_dict(),
+            "tracker_state": tracker.state_dict() if tracker is not None else {},
+            "history": history,
+            "rng_state": torch.get_rng_state(),
+            "teacher_source": loop_config.get("teacher_source"),
+            "mlflow_run_id": loop_config["run_id"],
+        }
+    session.report(metrics, state, epoch)
 
 
 def _init_batch(config: RunConfig, train_set: Any, info: DatasetInfo, local_loader: Any) -> torch.Tensor:

@@ -343,7 +343,7 @@ def test_the_scheduler_is_asha_by_default_none_when_said_and_takes_its_rungs_fro
 def test_a_custom_resource_reaches_rays_scaling_config_and_the_cluster_check(monkeypatch: pytest.MonkeyPatch) -> None:
     import ray
 
-    from ofq_ray.sweep.runner import check_sweep_resources
+    from ofq_ray.sweep.cluster import check_sweep_resources
     from ofq_ray.sweep.stages import trial_config
     from ofq_ray.train import scaling_config
 

@@ -16,7 +16,14 @@ from mlflow.tracking import MlflowClient
 from ofq_ray.checkpoint import CheckpointError, model_from_checkpoint, read_checkpoint
 from ofq_ray.config import ConfigError, RankConfig, load_config, reported_metrics
 from ofq_ray.tracking import RunTracker
-from ofq_ray.train import TrainingResult, _best_checkpoint, dataset_info, prepare_sources, run_training
+from ofq_ray.train import (
+    LocalSession,
+    TrainingResult,
+    best_checkpoint,
+    dataset_info,
+    prepare_sources,
+    run_training,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -202,16 +209,35 @@ def test_the_ranking_metric_chooses_the_kept_checkpoint_the_best_row_and_the_tag
 
 
 def test_best_checkpoint_follows_the_mode_takes_the_earliest_tie_and_skips_nan() -> None:
-    from types import SimpleNamespace
+    def kept(*rows: tuple[str, float, float]) -> list[tuple[str, dict[str, float]]]:
+        return [(path, {"epoch": epoch, "val/loss": loss}) for path, epoch, loss in rows]
 
-    def kept(*rows: tuple[str, float, float]) -> Any:
-        pairs = [(SimpleNamespace(path=path), {"epoch": epoch, "val/loss": loss}) for path, epoch, loss in rows]
-        return SimpleNamespace(best_checkpoints=pairs, checkpoint=SimpleNamespace(path="last"))
+    pairs = kept(("c3", 3.0, 0.2), ("c1", 1.0, 0.2), ("c0", 0.0, float("nan")), ("c2", 2.0, 0.5))
+    assert best_checkpoint(pairs, RankConfig("val/loss", "min")) == "c1"
+    assert best_checkpoint(pairs, RankConfig("val/loss", "max")) == "c2"
+    assert best_checkpoint(kept(), RankConfig()) is None
 
-    result = kept(("c3", 3.0, 0.2), ("c1", 1.0, 0.2), ("c0", 0.0, float("nan")), ("c2", 2.0, 0.5))
-    assert _best_checkpoint(result, RankConfig("val/loss", "min")) == "c1"
-    assert _best_checkpoint(result, RankConfig("val/loss", "max")) == "c2"
-    assert _best_checkpoint(kept(), RankConfig()) == "last"
+
+def test_an_in_process_stage_keeps_the_best_checkpoints_and_the_latest_as_ray_train_does(tmp_path: Path) -> None:
+    from ofq_ray.config import RunConfig
+
+    config = RunConfig(keep_checkpoints=2, rank=RankConfig("val/loss", "min"))
+    session = LocalSession(str(tmp_path / "stage"), config)
+    assert session.resume_from() is None and session.kept() == []
+    losses = [0.9, 0.5, 0.7, 0.5, 0.8]  # epoch 3 ties epoch 1: the earlier one ranks first
+    history: list[dict[str, float]] = []
+    for epoch, loss in enumerate(losses):
+        history.append({"epoch": float(epoch), "val/loss": loss})
+        session.save({"stage": "qat", "epoch": epoch + 1, "history": list(history)}, epoch)
+    kept = {os.path.basename(path): metrics["val/loss"] for path, metrics in session.kept()}
+    # the 2 best (epochs 1 and 3) and the latest (4), as Ray Train's num_to_keep + score attribute keep
+    assert kept == {"checkpoint_000001": 0.5, "checkpoint_000003": 0.5, "checkpoint_000004": 0.8}
+    assert session.resume_from() == str(tmp_path / "stage" / "checkpoint_000004")
+    assert best_checkpoint(session.kept(), config.rank) == str(tmp_path / "stage" / "checkpoint_000001")
+    # a folder whose state.pt was never written (killed mid-save) is neither resumed from nor kept
+    (tmp_path / "stage" / "checkpoint_000005").mkdir()
+    assert session.resume_from() == str(tmp_path / "stage" / "checkpoint_000004")
+    assert len(session.kept()) == 3
 
 
 def _preemption_watchers() -> int:

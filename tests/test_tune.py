@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -17,6 +16,7 @@ import optuna
 import pytest
 import yaml
 from mlflow.tracking import MlflowClient
+from raynodes import RayNodes
 
 from ofq_ray.checkpoint import load_model, read_checkpoint
 from ofq_ray.cost import run_cost
@@ -30,63 +30,17 @@ from ofq_ray.tracking import default_tracking_uri, download_artifacts, resolve_a
 
 pytestmark = pytest.mark.integration
 REPO = Path(__file__).resolve().parents[1]
-RAY = str(Path(sys.executable).parent / "ray")
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @pytest.fixture(scope="module")
 def cluster() -> Iterator[dict[str, str]]:
-    """A private `ray start --head --block` cluster on 127.0.0.1, stopped through its own process."""
-    port, dashboard = _free_port(), _free_port()
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
-    head = subprocess.Popen(
-        [
-            RAY,
-            "start",
-            "--head",
-            "--block",
-            f"--port={port}",
-            "--num-cpus=4",
-            "--include-dashboard=true",
-            "--dashboard-host=127.0.0.1",
-            f"--dashboard-port={dashboard}",
-            "--node-ip-address=127.0.0.1",
-        ],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
-    address = f"127.0.0.1:{port}"
-    import ray
-
-    deadline = time.time() + 90
-    while True:
-        try:
-            os.environ["RAY_AUTH_MODE"] = "disabled"
-            ray.init(address=address, log_to_driver=False)
-            break
-        except Exception:
-            if time.time() > deadline or head.poll() is not None:
-                head.kill()
-                raise
-            time.sleep(1)
+    """A private `ray start --head --block` cluster on 127.0.0.1 with 4 CPUs."""
+    nodes = RayNodes(head_cpus=4)
+    nodes.connect()
     try:
-        yield {"address": address, "dashboard": f"http://127.0.0.1:{dashboard}"}
+        yield {"address": nodes.address, "dashboard": nodes.dashboard}
     finally:
-        ray.shutdown()
-        os.killpg(head.pid, signal.SIGTERM)
-        head.wait(timeout=60)
-        # `ray start` leaves its address behind; a later auto-detecting Ray helper (Ray Train's placement
-        # group cleaner) would then try to reach this dead cluster.
-        marker = Path("/tmp/ray/ray_current_cluster")
-        if marker.exists() and marker.read_text().strip().endswith(f":{port}"):
-            marker.unlink()
+        nodes.stop()
 
 
 def _spec(runs: Path, name: str, **tune: Any) -> dict[str, Any]:
@@ -348,30 +302,6 @@ def test_resume_after_killing_the_driver_finishes_exactly_num_samples(
     assert sorted(t.params["optim.lr"] for t in study.trials) == sorted(
         float(c["params"]["search.optim.lr"]) for c in children
     )
-
-
-def test_ray_job_submit_runs_a_sweep_on_the_cluster(cluster: dict[str, str], tmp_path: Path) -> None:
-    raw = _spec(tmp_path, "job", num_samples=1, scheduler="none")
-    raw["base"]["epochs"] = 1  # its store is new, so its FP stage trains too: one epoch each
-    raw["stages"]["pretrain"]["epochs"] = 1
-    spec = _write(tmp_path / "job.yaml", raw)
-    env = {
-        **os.environ,
-        "RAY_AUTH_MODE": "disabled",
-        "RAY_ADDRESS": cluster["dashboard"],
-        "OFQ_RUNS_DIR": str(tmp_path),
-        # the store set in the submitting shell is the one the job logs to (not one of its own)
-        "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'shared' / 'mlflow.db'}",
-    }
-    (tmp_path / "shared").mkdir()
-    done = subprocess.run(
-        [str(REPO / "jobs" / "submit.sh"), str(spec)], env=env, capture_output=True, text=True, timeout=600, cwd=REPO
-    )
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    assert "succeeded" in done.stdout.lower()
-    alias = resolve_alias(env["MLFLOW_TRACKING_URI"], "job")
-    assert alias["version"] == 1
-    assert not (tmp_path / "mlflow.db").exists()  # nothing went to the runs folder's default store
 
 
 BAD_SWEEPS = [

@@ -30,6 +30,7 @@ def run_trial(params: dict[str, Any], context: dict[str, Any]) -> None:
     trial_id = trial.get_trial_id()
     values = {k: v for k, v in params.items()}
     run_id = _child_run(context, trial_id, trial_run_name(values, trial_id), values)
+    _note_node(context["tracking_uri"], run_id)
     source = context["shared_source"]
     offset = 0
     stages = context["trial_stages"]
@@ -38,10 +39,12 @@ def run_trial(params: dict[str, Any], context: dict[str, Any]) -> None:
         config = dataclasses.replace(config, tracking=dataclasses.replace(config.tracking, experiment=sweep.experiment))
         last = index == len(stages) - 1
         prefix = "" if last else f"stages/{stage}/"
+        in_process = config.workers == 1  # see in_process_trials
         run_training(
             config,
             run_id=run_id,
-            ray_callbacks=[TuneReportCallback()],
+            in_process=in_process,
+            ray_callbacks=None if in_process else [TuneReportCallback()],
             ray_run_name=f"{context['tune_name']}-{trial_id}-{stage}",
             epoch_offset=offset,
             finish_run=last,
@@ -49,6 +52,20 @@ def run_trial(params: dict[str, Any], context: dict[str, Any]) -> None:
         )
         offset += config.epochs
         source = f"runs:/{run_id}/{prefix}checkpoints/best"
+
+
+def _note_node(uri: str, run_id: str) -> None:
+    """Appends the Ray node this trial (re)starts on to its run's ``ofq.trial_nodes`` (comma-separated node
+    ids, in order: a trial restarted after losing its node names both). With a worker group per trial it
+    is the node of the process that drives the group; the workers go wherever their resources are."""
+    import ray
+
+    from ..tracking import RunTracker
+
+    tracker = RunTracker(uri, run_id)
+    node = ray.get_runtime_context().get_node_id()
+    before = tracker.info()["tags"].get("ofq.trial_nodes", "")
+    tracker.set_tags({"ofq.trial_nodes": f"{before},{node}" if before else node})
 
 
 def trial_run_name(values: dict[str, Any], trial_id: str, limit: int = 120) -> str:

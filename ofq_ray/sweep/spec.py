@@ -64,6 +64,9 @@ class TuneSettings:
     # Ray resources of each worker: CPU, GPU and custom ones ({CPU: 1, node_a: 0.1}, see RunConfig.resources)
     resources_per_worker: dict[str, float] = field(default_factory=lambda: {"CPU": 1.0}, metadata=_spec(low=0.0))
     time_budget_s: float | None = field(default=None, metadata=_spec(low=0.0, strict=True))
+    # How long the sweep waits while its live nodes cannot fit one trial (a node lost mid-sweep and not
+    # back); then it stops with one line and exit 1. A node that rejoins in time is used again.
+    wait_for_nodes_s: float = field(default=600.0, metadata=_spec(low=0.0))
     seed: int = 0
     keep_checkpoints: int = field(default=1, metadata=_spec(low=1))
     delete_stopped_checkpoints: bool = True

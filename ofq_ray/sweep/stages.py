@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import hashlib
+import os
 from typing import TYPE_CHECKING, Any
 
 from ..config import ConfigError, RunConfig, _merge, apply_override, config_from_dict, run_fields
@@ -41,6 +42,24 @@ def _with_values(base: dict[str, Any], values: dict[str, Any], groups: dict[str,
             raise ConfigError("quant: allowed: a mapping")
         quant["layers"] = list(quant.get("layers") or []) + rules
     return data
+
+
+# Run-config keys that may name local files or folders (besides runs_dir, which the runner resolves).
+PATH_KEYS = (("data", "root"), ("model", "pretrained_path"), ("init_from",), ("kd", "teacher"))
+
+
+def absolute_paths(sweep: Sweep) -> None:
+    """Makes the relative local paths of the base and the stage overrides absolute, from the driver's
+    working folder: each trial runs in a folder of its own, and the driver's own can vanish under it (a Ray
+    job's uploaded copy of the repo). Names that are not an existing path (MLflow URIs, ``timm``) stay."""
+    for data in (sweep.base, *sweep.stages.values()):
+        for path in PATH_KEYS:
+            holder = data
+            for key in path[:-1]:
+                holder = holder.get(key) if isinstance(holder, dict) else None  # type: ignore[assignment]
+            value = holder.get(path[-1]) if isinstance(holder, dict) else None
+            if isinstance(value, str) and value and not os.path.isabs(value) and os.path.exists(value):
+                holder[path[-1]] = os.path.abspath(value)
 
 
 # --- planning ------------------------------------------------------------------------------------------

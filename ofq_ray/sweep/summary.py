@@ -54,8 +54,9 @@ def summarize(sweep: Sweep, grid: Any, context: dict[str, Any], parent: Any, log
         trial_id = os.path.basename(result.path)  # see trial_dirname
         child = children.get(trial_id)
         if child is not None and child["status"] == "RUNNING":
-            # Tune ends the trials still running when the sweep ends (its time budget) without a trial event.
-            why = "time budget" if sweep.tune.time_budget_s is not None else "sweep end"
+            # Tune ends the trials still running when the sweep ends (its time budget, or the cluster lost the
+            # nodes to run them) without a trial event.
+            why = context.get("stopped_by") or ("time budget" if sweep.tune.time_budget_s is not None else "sweep end")
             tracker = RunTracker(uri, child["run_id"])
             tracker.set_tags({"ofq.stopped_by": why})
             tracker.finish("KILLED")
