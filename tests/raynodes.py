@@ -102,8 +102,8 @@ class RayNodes:
         ray.shutdown()
         for name in [n for n in self.nodes if n != "head"] + ["head"]:
             process = self.nodes.pop(name, None)
-            if process is not None:
-                os.killpg(process.pid, signal.SIGTERM)
+            if process is not None:  # worker nodes at once; the head cleanly (its GCS, dashboard, sessions)
+                os.killpg(process.pid, signal.SIGTERM if name == "head" else signal.SIGKILL)
                 process.wait(timeout=60)
         # `ray start` leaves its address behind; a later auto-detecting Ray helper (Ray Train's placement
         # group cleaner) would then try to reach this dead cluster.

@@ -3,6 +3,7 @@ and a custom resource), logging to one MLflow server over HTTP; and what the swe
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 import time
@@ -143,10 +144,10 @@ def test_a_job_spreads_each_trials_two_workers_over_two_nodes_and_logs_through_o
     assert placed == ["node_a", "node_a", "node_b", "node_b"], placed
 
 
-def _sweep(spec: dict[str, Any], path: Path, address: str) -> subprocess.Popen[str]:
+def _sweep(spec: dict[str, Any], path: Path, address: str, cwd: Path | None = None) -> subprocess.Popen[str]:
     path.write_text(yaml.safe_dump(spec))
     command = [sys.executable, "-m", "ofq_ray.cli", "tune", str(path), "--address", address]
-    return subprocess.Popen(command, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return subprocess.Popen(command, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=cwd)
 
 
 def _wait_for_epochs(uri: str, experiment: str, epochs: int, driver: subprocess.Popen[str]) -> dict[str, Any]:
@@ -174,9 +175,12 @@ def test_a_node_lost_mid_trial_restarts_the_trial_from_its_checkpoint_and_a_rejo
     )
     spec["base"]["epochs"] = 4
     uri = default_tracking_uri(str(tmp_path))
-    driver = _sweep(spec, tmp_path / "lost.yaml", nodes.address)
+    # The driver starts in a folder that then vanishes, as a Ray job's unpacked copy of the repo can.
+    (tmp_path / "start").mkdir()
+    driver = _sweep(spec, tmp_path / "lost.yaml", nodes.address, cwd=tmp_path / "start")
     node_ids = {"a": nodes.node_id("node_a"), "b": nodes.node_id("node_b")}
     run = _wait_for_epochs(uri, "lost", 2, driver)  # its epoch-2 checkpoint is written before it is logged
+    shutil.rmtree(tmp_path / "start")
     lost = next(name for name, node in node_ids.items() if run["tags"]["ofq.trial_nodes"] == node)
     nodes.remove(lost)
     nodes.add(lost, 1, {"slot": 1, f"node_{lost}": 1})  # the machine comes back (a new node id)

@@ -34,9 +34,15 @@ def optuna_storage_url(sweep: Sweep, runs_dir: str) -> str:
 
 
 def open_optuna_storage(url: str) -> Any:
-    """An Optuna RDB storage, or a one-line ConfigError (checked before a sweep creates anything)."""
+    """An Optuna RDB storage, or a one-line ConfigError (checked before a sweep creates anything but the
+    folder of a new sqlite file, which may be a runs folder nothing else has written to yet: behind an
+    MLflow server, the sweep's first local file is its study)."""
     import optuna
 
+    if url.startswith("sqlite:///"):
+        folder = os.path.dirname(url[len("sqlite:///") :])
+        if folder and not os.path.isdir(folder) and os.path.isdir(os.path.dirname(folder.rstrip("/")) or "/"):
+            os.makedirs(folder, exist_ok=True)
     try:
         return optuna.storages.RDBStorage(url)
     except Exception as error:  # unreachable server, bad URL, missing driver
