@@ -605,6 +605,10 @@ def _train_loop(loop_config: dict[str, Any], session: Any) -> None:
             setup[f"ofq.resumed_at_epoch.{config.stage}"] = str(start_epoch)
         run.set_tags(setup)
 
+    if history and start_epoch >= config.epochs:
+        # Restarted after its last epoch (its driver died before it heard): say the final result again,
+        # or the scheduler and searcher would see a trial that ended with none.
+        session.report(history[-1], None, start_epoch - 1)
     for epoch in range(start_epoch, config.epochs):
         epoch_started = time.perf_counter()
         train_loader.set_epoch(epoch)

@@ -261,3 +261,35 @@ def test_the_cli_points_at_the_sweeps_runs_page(tmp_path: Path) -> None:
     assert (
         runs_view_url("http://mlflow:5000/", "7") == "http://mlflow:5000/#/experiments/7?workflowType=machine_learning"
     )
+
+
+def test_a_resumed_searcher_takes_the_suggestion_its_killed_driver_never_saved(tmp_path: Path) -> None:
+    from ofq_ray.sweep.search import make_searcher, open_optuna_storage
+
+    sweep = sweep_from_dict(
+        {
+            "name": "rs",
+            "base": {"stage": "pretrain", "model": {"name": "vit_digits"}, "data": {"name": "digits"}},
+            "search": {"optim.lr": {"loguniform": [1e-5, 1e-2]}},
+            "tune": {"num_samples": 3, "searcher": "random", "seed": 0},
+        }
+    )
+    url = f"sqlite:///{tmp_path / 'optuna.db'}"
+    searcher = make_searcher(sweep, open_optuna_storage(url), "rs-study")
+    first = searcher.suggest("t1")
+    searcher.save(str(tmp_path / "searcher.pkl"))  # Tune's last save of the searcher...
+    orphan = searcher.suggest("t2")  # ...then a suggestion the study records, and the driver is killed
+    study = optuna.load_study(study_name="rs-study", storage=url)
+    assert [t.state for t in study.trials] == [optuna.trial.TrialState.RUNNING] * 2
+
+    resumed = make_searcher(sweep, open_optuna_storage(url), "rs-study")
+    resumed.restore(str(tmp_path / "searcher.pkl"))
+    again = resumed.suggest("t3")  # the restored Tune asks for the trial it never saw started
+    assert again == orphan and again != first
+    states = [t.state for t in optuna.load_study(study_name="rs-study", storage=url).trials]
+    assert states == [optuna.trial.TrialState.RUNNING] * 2  # no third trial: the orphan was taken up
+    resumed.on_trial_complete("t3", {"val/top1": 50.0})
+    resumed.on_trial_complete("t1", {"val/top1": 40.0})
+    final = optuna.load_study(study_name="rs-study", storage=url).trials
+    assert [t.state for t in final] == [optuna.trial.TrialState.COMPLETE] * 2
+    assert [t.value for t in final] == [40.0, 50.0]

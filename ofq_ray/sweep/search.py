@@ -6,6 +6,8 @@ from __future__ import annotations
 import os
 from typing import Any
 
+from ray.tune.search.optuna import OptunaSearch
+
 from ..config import ConfigError
 from .budget import Budget, BudgetSearcher, class_count
 from .spec import Sweep
@@ -49,6 +51,27 @@ def open_optuna_storage(url: str) -> Any:
         raise ConfigError(f"tune.optuna_storage: cannot open {url} ({type(error).__name__})") from None
 
 
+class ResumableOptunaSearch(OptunaSearch):  # type: ignore[misc]
+    """Ray's OptunaSearch, with a resume that keeps the study at one Optuna trial per Tune trial.
+
+    Tune saves the searcher with its experiment state every few seconds, while the study in its storage
+    changes at once: a driver killed between a suggestion and the next save leaves a RUNNING Optuna trial
+    that no restored Tune trial knows. On restore such trials go back to the study's queue (WAITING), so
+    the next suggestions take them, with the parameters they already had, instead of adding trials."""
+
+    def restore(self, checkpoint_path: str) -> None:
+        import optuna
+
+        super().restore(checkpoint_path)
+        study = getattr(self, "_ot_study", None)
+        if study is None:
+            return
+        known = {trial._trial_id for trial in self._ot_trials.values()}
+        for orphan in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+            if orphan._trial_id not in known:
+                study._storage.set_trial_state_values(orphan._trial_id, optuna.trial.TrialState.WAITING)
+
+
 def make_searcher(
     sweep: Sweep, storage: Any = None, study_name: str | None = None, budget: Budget | None = None, log: Any = None
 ) -> Any:
@@ -60,7 +83,6 @@ def make_searcher(
     over-budget suggestions before they train (``budget``: the costs on the sweep's data; default: from
     the spec's dataset) and gives every Optuna trial its constraint values, which TPE learns from."""
     import optuna
-    from ray.tune.search.optuna import OptunaSearch
 
     settings = sweep.tune
     kind = settings.searcher
@@ -77,7 +99,7 @@ def make_searcher(
         sampler = optuna.samplers.TPESampler(seed=settings.seed, multivariate=True)
     metric: Any = settings.metrics if settings.multi_objective else settings.metrics[0]
     mode: Any = settings.modes if settings.multi_objective else settings.modes[0]
-    searcher = OptunaSearch(
+    searcher = ResumableOptunaSearch(
         space=optuna_space(sweep.search),
         metric=metric,
         mode=mode,
