@@ -57,11 +57,27 @@ class RayNodes:
         self._start(name, [f"--address={self.address}"], cpus, resources)
         self.wait_for(lambda total: all(total.get(k, 0.0) >= v for k, v in resources.items()), f"node {name}")
 
-    def remove(self, name: str) -> None:
-        """Kills every process of a node at once (its raylet, its workers): a machine that went away."""
+    def remove(self, name: str, resource: str, *, wait: bool = True) -> str:
+        """Kills every process of a node at once (its raylet, its workers), as a machine that went away;
+        returns its id. With ``wait``, returns once the cluster has marked it dead (see :meth:`wait_dead`)."""
+        node = self.node_id(resource)
         process = self.nodes.pop(name)
         os.killpg(process.pid, signal.SIGKILL)
         process.wait(timeout=60)
+        if wait:
+            self.wait_dead(node)
+        return node
+
+    def wait_dead(self, node: str) -> None:
+        """Waits until the cluster no longer counts ``node`` alive (a killed node misses its health checks
+        for about 30 s first)."""
+        import ray
+
+        deadline = time.time() + 180
+        while any(n["NodeID"] == node and n["Alive"] for n in ray.nodes()):
+            if time.time() > deadline:
+                raise RuntimeError(f"node {node} was killed but the cluster still counts it alive")
+            time.sleep(0.5)
 
     def node_id(self, resource: str) -> str:
         """The id of the live node that offers the custom ``resource``."""

@@ -10,6 +10,7 @@ Split by the question each part answers:
 - :mod:`.budget`: ``tune.constraints``, configurations over budget rejected before training;
 - :mod:`.mo_asha`: successive halving by non-dominated rank, for several objectives;
 - :mod:`.lifecycle`: the trial function and the driver-side callback that closes each trial's run as it ends;
+- :mod:`.cluster`: where a trial trains and what it holds, and whether the cluster still fits one;
 - :mod:`.runner`: one sweep end to end, and ``--resume``;
 - :mod:`.summary`: the table, the front, the plots, the champion, and ``ofq-ray best``.
 """
