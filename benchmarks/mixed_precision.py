@@ -4,6 +4,7 @@ QAT epochs from the same FP model; top-1 vs packed model bytes.
     python benchmarks/mixed_precision.py --quick --plan   # validate both arms' sweeps and price the widths; no Ray
     python benchmarks/mixed_precision.py --quick          # 6 + 6 trials x 4 QAT epochs on 8000 images, local Ray
     python benchmarks/mixed_precision.py                  # 12 + 12 trials x 8 QAT epochs on 30000 images
+    python benchmarks/mixed_precision.py --from-json benchmarks/results/mixed_precision.json   # re-analyse
 
 Both arms train vit_fmnist_small with QKR from one FP model (the sweeps' shared ``pretrain`` stage, cached
 in MLflow: trained once, and the same one ``sweep_efficiency.py`` uses at the same mode), with a fixed
@@ -236,6 +237,42 @@ def _mixed_row(name: str, max_bytes: float, uniform_top1: float, mixed: list[dic
     }
 
 
+def byte_model(sizes: dict[str, float]) -> dict[str, float]:
+    """Uniform widths' bytes -> ``fixed + per_bit x bits``: what a model costs apart from its low-bit
+    weights (the 8-bit first and last layers, float norms, biases, position embedding and quantizer
+    steps), what each weight bit adds, and the average weight bits that the targets' budgets buy."""
+    bits = {int(w.split("/")[0]): b for w, b in sizes.items()}
+    low, high = min(bits), max(bits)
+    per_bit = (bits[high] - bits[low]) / (high - low)
+    fixed = bits[low] - low * per_bit
+    w3, w4 = bits[3], bits[4]
+    return {
+        "fixed_bytes": fixed,
+        "bytes_per_weight_bit": per_bit,
+        "fixed_share_of_w4a4": fixed / w4,
+        "bits_at_75pct_w4a4": (W4A4_BYTES_FRACTION * w4 - fixed) / per_bit,
+        "bits_at_w3a3": (w3 - fixed) / per_bit,
+    }
+
+
+def headroom(widths: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """How much either target could be met at all, from the uniform arm alone.
+
+    - Target 1 asks a model of 75 % of W4A4's bytes, i.e. :func:`byte_model`'s average weight bits, for
+      W4A4's top-1: the fewer bits that is (the larger the fixed bytes), the harder.
+    - Target 2 asks a reallocation within W3A3's bytes to gain 0.5 points. Raising every group from 3 to 4
+      bits (uniform W4A4, a third more weight bytes) gains ``W4A4 - W3A3``; if the groups' gains add up, no
+      reallocation that also takes bits away from some groups gains more. A gain below 0.5 puts the
+      target out of reach of any configuration of these widths at this scale."""
+    w3, w4 = widths["3/3"], widths["4/4"]
+    return {
+        **byte_model({w: row["bytes"] for w, row in widths.items()}),
+        "w4a4_minus_w3a3_best": w4["top1"] - w3["top1"],
+        "w4a4_minus_w3a3_mean": w4["mean"] - w3["mean"],
+        "w3a3_margin": W3A3_MARGIN,
+    }
+
+
 def analyze(uniform: list[dict[str, Any]], mixed: list[dict[str, Any]]) -> dict[str, Any]:
     """Both arms' points (``{"top1", "bytes", "config"}``) -> the widths, the hypervolumes, the comparison at
     each uniform width's bytes (and at 75 % of W4A4's), the two target checks."""
@@ -282,6 +319,7 @@ def analyze(uniform: list[dict[str, Any]], mixed: list[dict[str, Any]]) -> dict[
         },
         "checks": checks,
         "targets": targets,
+        "headroom": headroom(widths),
     }
 
 
@@ -356,6 +394,26 @@ def print_results(arms: dict[str, dict[str, Any]], analysis: dict[str, Any]) -> 
     print(", ".join(f"{k}: {'met' if v else 'MISSED'}" for k, v in analysis["targets"].items()))
 
 
+def print_headroom(room: dict[str, Any]) -> None:
+    """What the targets ask of this model, in weight bits and in the uniform arm's own gain."""
+    reference = room["reference"]
+    print(
+        f"\nbytes = fixed + per weight bit x bits: {room['fixed_bytes']:.0f} + {room['bytes_per_weight_bit']:.0f} x "
+        f"bits; fixed = {room['fixed_share_of_w4a4']:.0%} of W4A4 ({reference['model']}: "
+        f"{reference['fixed_share_of_w4a4']:.0%})"
+    )
+    print(
+        f"75 % of W4A4's bytes buys {room['bits_at_75pct_w4a4']:.2f} weight bits on average "
+        f"({reference['model']}: {reference['bits_at_75pct_w4a4']:.2f})"
+    )
+    if "w4a4_minus_w3a3_best" in room:
+        print(
+            f"uniform W4A4 - W3A3: {room['w4a4_minus_w3a3_best']:+.2f} (best seeds), "
+            f"{room['w4a4_minus_w3a3_mean']:+.2f} (means); target 2 needs a reallocation within W3A3's bytes "
+            f"to gain {room['w3a3_margin']:g}"
+        )
+
+
 def plot(arms: dict[str, dict[str, Any]], analysis: dict[str, Any]) -> str:
     import matplotlib
 
@@ -393,62 +451,110 @@ def plot(arms: dict[str, dict[str, Any]], analysis: dict[str, Any]) -> str:
     return save_figure(figure, "mixed_precision")
 
 
+def reference_byte_model(model: str = "deit_small_patch16_224") -> dict[str, float]:
+    """:func:`byte_model` of an ImageNet model (1000 classes, 3 x 224 px, QKR), priced without training: the
+    fixed-bytes share the targets were written for, against this benchmark's small model."""
+    from ofq_ray.config import config_from_dict
+    from ofq_ray.cost import run_cost
+
+    sizes = {}
+    for width in WIDTHS:
+        bits = int(width.split("/")[0])
+        config = config_from_dict(
+            {
+                "stage": "qat",
+                "model": {"name": model},
+                "quant": {"weight_bits": bits, "act_bits": bits, "qkr": True},
+                "kd": {"enabled": False},  # pricing only: no teacher to load
+            }
+        )
+        sizes[width] = run_cost(config, num_classes=1000, in_chans=3, img_size=224)["model/size_bytes"]
+    return {"model": model, **byte_model(sizes)}
+
+
+def report(payload: dict[str, Any], reference: dict[str, float]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Analyses both arms' points of ``payload`` (a run's, or a stored JSON's) and adds ``reference``."""
+    arms = payload["arms"]
+    analysis = analyze(arms["uniform"]["points"], arms["mixed"]["points"])
+    analysis["headroom"]["reference"] = reference
+    for arm, row in arms.items():
+        row["hypervolume"] = analysis["hypervolume"][arm]
+    print_results(arms, analysis)
+    return {**payload, **analysis}, analysis
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--plan", action="store_true", help="validate both arms and price the widths; train nothing")
     parser.add_argument("--no-budget", action="store_true", help="the mixed arm without uniform W3A3's size budget")
+    parser.add_argument(
+        "--from-json",
+        metavar="PATH",
+        help="re-analyse a run's stored points (e.g. benchmarks/results/mixed_precision.json); train nothing",
+    )
     parser.add_argument("--runs-dir", default="ofq-runs")
     parser.add_argument("--no-mlflow", action="store_true")
     args = parser.parse_args(argv)
-    setup = QUICK if args.quick else FULL
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    p = plan(setup, os.path.abspath(args.runs_dir), stamp, budget=not args.no_budget)
-    print_plan(p)
-    if args.plan:
-        return 0
-    arms = {"uniform": run_arm("uniform", p.uniform), "mixed": run_arm("mixed", [p.mixed])}
-    analysis = analyze(arms["uniform"]["points"], arms["mixed"]["points"])
-    for arm, row in arms.items():
-        row["hypervolume"] = analysis["hypervolume"][arm]
-    for width, row in analysis["widths"].items():
-        if row["bytes"] != p.sizes[width]:
-            print(
-                f"warning: uniform {label(width)} trained at {row['bytes']:.0f} bytes, priced at {p.sizes[width]:.0f}"
-            )
-    print_results(arms, analysis)
-    payload = {
-        "benchmark": "mixed_precision",
-        "quick": args.quick,
-        "machine": machine(),
-        "settings": {
-            "model": "vit_fmnist_small",
-            "train_subset": setup.train_subset,
-            "val_subset": setup.val_subset,
-            "pretrain_epochs": setup.pretrain_epochs,
-            "epochs": setup.epochs,
-            "lr": setup.lr,
-            "weight_decay": setup.weight_decay,
-            "seeds": list(setup.seeds),
-            "widths": list(WIDTHS),
-            "groups": GROUPS,
-            "group_count": len(p.mixed.layer_groups),
-            "mixed_searcher": "nsga2",
-            "budget_bytes": p.budget_bytes,
-        },
-        "priced_bytes": p.sizes,
-        "arms": arms,
-        **analysis,
-    }
+    if args.from_json:
+        import json
+
+        with open(args.from_json) as handle:
+            stored = json.load(handle)
+        setup = QUICK if stored["quick"] else FULL
+        budget = stored["settings"]["budget_bytes"] is not None
+        payload, analysis = report(stored, reference_byte_model())
+        print_headroom(analysis["headroom"])
+    else:
+        setup = QUICK if args.quick else FULL
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        p = plan(setup, os.path.abspath(args.runs_dir), stamp, budget=not args.no_budget)
+        print_plan(p)
+        reference = reference_byte_model()
+        print_headroom({**byte_model(p.sizes), "reference": reference})
+        if args.plan:
+            return 0
+        budget = p.budget_bytes is not None
+        arms = {"uniform": run_arm("uniform", p.uniform), "mixed": run_arm("mixed", [p.mixed])}
+        payload = {
+            "benchmark": "mixed_precision",
+            "quick": args.quick,
+            "machine": machine(),
+            "settings": {
+                "model": "vit_fmnist_small",
+                "train_subset": setup.train_subset,
+                "val_subset": setup.val_subset,
+                "pretrain_epochs": setup.pretrain_epochs,
+                "epochs": setup.epochs,
+                "lr": setup.lr,
+                "weight_decay": setup.weight_decay,
+                "seeds": list(setup.seeds),
+                "widths": list(WIDTHS),
+                "groups": GROUPS,
+                "group_count": len(p.mixed.layer_groups),
+                "mixed_searcher": "nsga2",
+                "budget_bytes": p.budget_bytes,
+            },
+            "priced_bytes": p.sizes,
+            "arms": arms,
+        }
+        payload, analysis = report(payload, reference)
+        for width, row in analysis["widths"].items():
+            if row["bytes"] != p.sizes[width]:
+                print(
+                    f"warning: uniform {label(width)} trained at {row['bytes']:.0f} bytes, "
+                    f"priced at {p.sizes[width]:.0f}"
+                )
+        print_headroom(analysis["headroom"])
     metrics = {f"hypervolume_{arm}": value for arm, value in analysis["hypervolume"].items()}
     metrics |= {f"uniform_{label(w)}_top1": row["top1"] for w, row in analysis["widths"].items()}
     metrics |= {f"{key}_margin": c["margin"] for key, c in analysis["checks"].items() if c["margin"] is not None}
     publish(
         "mixed_precision",
         payload,
-        plot(arms, analysis),
+        plot(payload["arms"], analysis),
         mlflow=not args.no_mlflow,
-        params={"quick": args.quick, "budget": p.budget_bytes is not None, "trials_per_arm": setup.trials},
+        params={"quick": payload["quick"], "budget": budget, "trials_per_arm": setup.trials},
         metrics=metrics,
     )
     return 0

@@ -102,7 +102,39 @@ def step_speed_section() -> list[str]:
 
             plot(data, png)
     lines += ["", "![step speed, CPU](docs/step_speed_cpu.png)", ""]
-    return lines
+    return lines + breakdown_lines(files)
+
+
+def breakdown_lines(files: list[str]) -> list[str]:
+    """Where OFQ+KD's extra step time goes, per kind of op, for the runs with ``--breakdown``."""
+    runs = []
+    for path in files:
+        with open(path) as handle:
+            data = json.load(handle)
+        if data.get("breakdown"):
+            runs.append((data["model"], data["breakdown"]))
+    if not runs:
+        return []
+    categories = list(dict.fromkeys(name for _, split in runs for name in split["categories"]))
+    lines = [
+        "Where OFQ+KD's extra time goes (`--breakdown`: the profiler's self CPU ms per step of each kind of op, "
+        "OFQ+KD minus FP+KD, and its share of the difference; *framework* is autograd nodes, the fused "
+        "functions' own Python, casts, views and allocation):",
+        "",
+        "| kind of op | " + " | ".join(f"{model}: FP+KD -> OFQ+KD ms | extra (share)" for model, _ in runs) + " |",
+        "|---|" + "---|---|" * len(runs),
+    ]
+    for name in [*categories, "total"]:
+        cells = []
+        for _, split in runs:
+            row = split["total"] if name == "total" else split["categories"].get(name)
+            if row is None:
+                cells += ["-", "-"]
+                continue
+            share = row["extra"] / split["total"]["extra"] if split["total"]["extra"] else 0.0
+            cells += [f"{row['fp+kd']:.1f} -> {row['ofq+kd']:.1f}", f"{row['extra']:+.1f} ({share:.0%})"]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return [*lines, ""]
 
 
 def oscillation_section(data: dict[str, Any] | None = None) -> list[str]:
@@ -362,6 +394,32 @@ def _num(value: float | None, spec: str = ".2f") -> str:
     return "-" if value is None else format(value, spec)
 
 
+def _headroom_lines(room: dict[str, Any] | None) -> list[str]:
+    """What the two targets ask of the benchmark's model, from mixed_precision.headroom."""
+    if room is None:
+        return []
+    reference = room.get("reference")
+    against = (
+        f" ({reference['model']} at 224 px: {100 * reference['fixed_share_of_w4a4']:.0f} % and "
+        f"{reference['bits_at_75pct_w4a4']:.2f} bits)"
+        if reference
+        else ""
+    )
+    gain = room["w4a4_minus_w3a3_best"]
+    reach = "less than" if gain < room["w3a3_margin"] else "at least"
+    return [
+        "",
+        "What the targets ask of this model (`headroom` in the JSON):",
+        "",
+        f"- bytes = {room['fixed_bytes']:.0f} + {room['bytes_per_weight_bit']:.0f} x average weight bits: the "
+        f"8-bit first and last layers and the float parameters are {100 * room['fixed_share_of_w4a4']:.0f} % of W4A4's "
+        f"bytes, so 75 % of W4A4's bytes buys {room['bits_at_75pct_w4a4']:.2f} weight bits on average{against}.",
+        f"- uniform W4A4 - W3A3: {gain:+.2f} (best seeds), {room['w4a4_minus_w3a3_mean']:+.2f} (means): raising "
+        f"every group from 3 to 4 bits gains {reach} the {room['w3a3_margin']:g} points the second target asks "
+        "of a reallocation within W3A3's bytes (which must also take bits away from some groups).",
+    ]
+
+
 def mixed_section(data: dict[str, Any] | None = None) -> list[str]:
     """The mixed-precision vs uniform tables, from ``data`` or mixed_precision.json; nothing if not run."""
     data = _load("mixed_precision") if data is None else data
@@ -425,6 +483,7 @@ def mixed_section(data: dict[str, Any] | None = None) -> list[str]:
         f"- mixed beats uniform W3A3 by >= 0.5 points ({b['needed_top1']:.2f}) at <= {b['max_bytes']:.0f} bytes: "
         f"{_num(b['mixed_top1'])} ({_verdict(targets['w3a3_plus_0.5_at_its_bytes'])})",
         f"- target (either): {_verdict(targets['either'])}",
+        *_headroom_lines(data.get("headroom")),
         "",
         "![mixed precision](docs/mixed_precision.png)",
         "",

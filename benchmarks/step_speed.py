@@ -7,6 +7,7 @@ One step = forward + backward + AdamW step, with the KD teacher's forward includ
     python benchmarks/step_speed.py --model vit_fmnist_small --out benchmarks/results/step_speed_cpu_small.json
     OMP_NUM_THREADS=1 python benchmarks/step_speed.py --clock process   # a CPU shared with other jobs
     python benchmarks/step_speed.py --device cuda --compile      # DeiT-S at 224 px, bf16, batch 128
+    OMP_NUM_THREADS=1 python benchmarks/step_speed.py --clock process --breakdown   # where OFQ's extra time goes
 
 Prints a table and writes JSON (``--out``). Only torch and timm are needed (no Ray, no MLflow), so
 it runs on a bare GPU machine with ``PYTHONPATH=.``.
@@ -149,6 +150,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "fp+kd": make_step(parts["fp"], parts["teacher"], parts["images"], parts["labels"], dtype),
         "ofq+kd": make_step(parts["ofq"], parts["teacher"], parts["images"], parts["labels"], dtype),
     }
+    # Profiled before anything is compiled: with inductor's compile workers in the process, the same eager
+    # OFQ step profiled up to 1.5x slower than it timed.
+    split = breakdown(variants["fp+kd"], variants["ofq+kd"]) if args.breakdown else None
     if args.compile:
         for name in ("fp+kd", "ofq+kd"):
             base = parts["fp"] if name.startswith("fp") else parts["ofq"]
@@ -200,7 +204,89 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "ratios": ratios,
         "saved_for_backward": saved,
         "profile": profile,
+        "breakdown": split,
     }
+
+
+# Profiler op names -> what they are, for the breakdown of OFQ's extra time (first match wins).
+CATEGORIES: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("GEMM", ("aten::mm", "aten::addmm", "aten::bmm", "aten::_scaled_dot_product", "aten::mkldnn_convolution",
+              "aten::convolution_backward", "aten::baddbmm")),
+    ("GELU", ("aten::gelu",)),
+    ("softmax", ("aten::_softmax",)),
+    ("layer norm", ("aten::native_layer_norm",)),
+    ("optimizer", ("Optimizer.", "aten::_fused_adam")),
+    ("elementwise math", ("aten::mul", "aten::add", "aten::sub", "aten::div", "aten::addc", "aten::clamp",
+                          "aten::round", "aten::eq", "aten::sum", "aten::abs", "aten::mean", "aten::floor",
+                          "aten::where", "aten::copy_", "aten::fill_", "aten::zero_", "aten::ne", "aten::le",
+                          "aten::ge", "aten::lt", "aten::gt", "aten::bitwise", "aten::logical", "aten::neg")),
+)  # fmt: skip
+
+
+def op_category(name: str) -> str:
+    """The breakdown's category of a profiler op: one of CATEGORIES' names, else ``framework`` (autograd
+    nodes, custom Functions' own Python, views, dtype casts, allocation: time no kernel spends)."""
+    for category, prefixes in CATEGORIES:
+        if name.startswith(prefixes):
+            return category
+    return "framework"
+
+
+def breakdown(fp_step: Callable[[], None], ofq_step: Callable[[], None], steps: int = 5) -> dict[str, Any]:
+    """Self CPU ms per step of the FP+KD and OFQ+KD steps, per category and per op (profiler, one thread
+    recommended): where the OFQ step's extra time goes. CPU only: on a GPU the kernels run asynchronously,
+    and ``--profile-rows`` shows device times instead."""
+    from torch.profiler import ProfilerActivity, profile
+
+    per_op: dict[str, dict[str, list[float]]] = {}
+    for name, step in (("fp+kd", fp_step), ("ofq+kd", ofq_step)):
+        step()
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            for _ in range(steps):
+                step()
+        for event in prof.key_averages():
+            row = per_op.setdefault(event.key, {"fp+kd": [0.0, 0.0], "ofq+kd": [0.0, 0.0]})
+            row[name][0] += event.self_cpu_time_total / 1000 / steps
+            row[name][1] += event.count / steps
+    categories: dict[str, dict[str, float]] = {}
+    for op, row in per_op.items():
+        category = categories.setdefault(op_category(op), {"fp+kd": 0.0, "ofq+kd": 0.0})
+        for name in ("fp+kd", "ofq+kd"):
+            category[name] += row[name][0]
+    for category in categories.values():
+        category["extra"] = category["ofq+kd"] - category["fp+kd"]
+    total = {name: sum(c[name] for c in categories.values()) for name in ("fp+kd", "ofq+kd")}
+    ops = sorted(per_op.items(), key=lambda item: item[1]["fp+kd"][0] - item[1]["ofq+kd"][0])
+    return {
+        "unit": "self CPU ms per step (profiled)",
+        "steps": steps,
+        "total": total | {"extra": total["ofq+kd"] - total["fp+kd"]},
+        "categories": dict(sorted(categories.items(), key=lambda item: -item[1]["extra"])),
+        "ops": [
+            {
+                "op": op,
+                "category": op_category(op),
+                "fp+kd_ms": row["fp+kd"][0],
+                "ofq+kd_ms": row["ofq+kd"][0],
+                "fp+kd_calls": row["fp+kd"][1],
+                "ofq+kd_calls": row["ofq+kd"][1],
+            }
+            for op, row in ops[:15]
+        ],
+    }
+
+
+def print_breakdown(data: dict[str, Any]) -> None:
+    total = data["total"]
+    print(f"\nwhere OFQ+KD's extra time goes ({data['unit']}, {data['steps']} steps each)")
+    print(f"{'category':<20}{'FP+KD':>9}{'OFQ+KD':>9}{'extra':>9}{'share':>8}")
+    for category, row in [*data["categories"].items(), ("total", total)]:
+        share = row["extra"] / total["extra"] if total["extra"] else 0.0
+        print(f"{category:<20}{row['fp+kd']:>9.1f}{row['ofq+kd']:>9.1f}{row['extra']:>9.1f}{share:>8.0%}")
+    print(f"{'op':<46}{'FP+KD ms':>10}{'OFQ+KD ms':>11}{'calls':>12}")
+    for op in data["ops"]:
+        calls = f"{op['fp+kd_calls']:.0f}/{op['ofq+kd_calls']:.0f}"
+        print(f"{op['op'][:45]:<46}{op['fp+kd_ms']:>10.2f}{op['ofq+kd_ms']:>11.2f}{calls:>12}")
 
 
 def _profile(step: Callable[[], None], device: torch.device, rows: int) -> str:
@@ -267,6 +353,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--quick", action="store_true", help="7 rounds of 4 steps (default 9 of 5)")
     parser.add_argument("--profile-rows", type=int, default=0, help="append a profiler table of the OFQ step")
+    parser.add_argument(
+        "--breakdown", action="store_true", help="profile FP+KD and OFQ+KD: OFQ's extra time per kind of op (CPU)"
+    )
     parser.add_argument("--no-mlflow", action="store_true")
     parser.add_argument("--out", default=None, help="JSON path (default benchmarks/results/step_speed_<device>.json)")
     args = parser.parse_args(argv)
@@ -275,10 +364,14 @@ def main(argv: list[str] | None = None) -> int:
     args.batch = args.batch or 128
     args.classes = args.classes or (1000 if gpu else 10)
     args.bf16 = gpu if args.bf16 is None else args.bf16
+    if args.breakdown and gpu:
+        parser.error("--breakdown: CPU only (on a GPU use --profile-rows)")
     if args.quick:
         args.rounds, args.steps = 7, 4
     result = run(args)
     print_table(result)
+    if result["breakdown"]:
+        print_breakdown(result["breakdown"])
     if result["profile"]:
         print(result["profile"])
     out = args.out or os.path.join(HERE, "results", f"step_speed_{args.device}.json")

@@ -186,6 +186,18 @@ def test_mixed_precision_targets_and_hypervolumes_match_a_hand_computation() -> 
     assert result["hypervolume"]["mixed"] == pytest.approx((15 * 70 + 1 * 70.85 + 33 * 74) / 2**20)
     assert [(p["bytes"], p["top1"]) for p in result["fronts"]["mixed"]] == [(105, 80.0), (120, 80.85), (121, 84.0)]
 
+    # bytes = 60 + 20 x bits: 60 of W4A4's 140 B are fixed; 105 B buys (105 - 60) / 20 = 2.25 bits.
+    assert result["headroom"] == {
+        "fixed_bytes": pytest.approx(60.0),
+        "bytes_per_weight_bit": pytest.approx(20.0),
+        "fixed_share_of_w4a4": pytest.approx(60 / 140),
+        "bits_at_75pct_w4a4": pytest.approx(2.25),
+        "bits_at_w3a3": pytest.approx(3.0),
+        "w4a4_minus_w3a3_best": pytest.approx(82.0 - 80.35),
+        "w4a4_minus_w3a3_mean": pytest.approx(81.5 - 80.15),
+        "w3a3_margin": 0.5,
+    }
+
 
 def test_mixed_precision_byte_limits_are_inclusive_and_margins_exact() -> None:
     import mixed_precision
@@ -305,6 +317,14 @@ def test_report_renders_the_mixed_precision_tables_and_targets() -> None:
     assert "- mixed reaches uniform W4A4's 82.00 at <= 105 bytes (75 %): 80.00 (**missed**)" in lines
     assert "- mixed beats uniform W3A3 by >= 0.5 points (80.85) at <= 120 bytes: 80.85 (met)" in lines
     assert "- target (either): met" in lines
+    assert (
+        "- bytes = 60 + 20 x average weight bits: the 8-bit first and last layers and the float parameters are "
+        "43 % of W4A4's bytes, so 75 % of W4A4's bytes buys 2.25 weight bits on average." in lines
+    )
+    assert (
+        "- uniform W4A4 - W3A3: +1.65 (best seeds), +1.35 (means): raising every group from 3 to 4 bits gains "
+        "at least the 0.5 points" in text
+    )
 
 
 def test_report_renders_the_multi_objective_sweep_table_and_targets() -> None:
@@ -345,3 +365,35 @@ def test_report_leaves_out_the_sections_whose_json_is_missing(tmp_path: Path, mo
     text = report.render()
     assert "Multi-objective early stopping" not in text and "Mixed precision" not in text
     assert "### Sweep efficiency (`benchmarks/sweep_efficiency.py`)\n\nNot run yet." in text  # the others say so
+
+
+def test_step_speed_breakdown_sorts_ops_into_kinds_and_the_report_tabulates_the_extra_time(tmp_path: Path) -> None:
+    import json
+
+    import step_speed
+
+    kinds = {
+        "aten::addcmul_": "elementwise math",
+        "aten::eq": "elementwise math",
+        "aten::mm": "GEMM",
+        "aten::_scaled_dot_product_flash_attention_for_cpu": "GEMM",
+        "aten::gelu_backward": "GELU",
+        "Optimizer.step#AdamW.step": "optimizer",
+        "LsqLinearBackward": "framework",
+        "aten::_to_copy": "framework",
+    }
+    assert {op: step_speed.op_category(op) for op in kinds} == kinds
+
+    def run(model: str, categories: dict[str, tuple[float, float]]) -> str:
+        rows = {name: {"fp+kd": fp, "ofq+kd": ofq, "extra": ofq - fp} for name, (fp, ofq) in categories.items()}
+        total = {key: sum(row[key] for row in rows.values()) for key in ("fp+kd", "ofq+kd", "extra")}
+        path = tmp_path / f"{model}.json"
+        path.write_text(json.dumps({"model": model, "breakdown": {"categories": rows, "total": total}}))
+        return str(path)
+
+    files = [run("a", {"GEMM": (10.0, 12.0), "GELU": (1.0, 3.0)}), run("b", {"GEMM": (5.0, 8.0)})]
+    lines = report.breakdown_lines(files)
+    assert "| GEMM | 10.0 -> 12.0 | +2.0 (50%) | 5.0 -> 8.0 | +3.0 (100%) |" in lines
+    assert "| GELU | 1.0 -> 3.0 | +2.0 (50%) | - | - |" in lines
+    assert "| total | 11.0 -> 15.0 | +4.0 (100%) | 5.0 -> 8.0 | +3.0 (100%) |" in lines
+    assert report.breakdown_lines([run("c", {})][:0]) == []
