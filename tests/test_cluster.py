@@ -58,6 +58,32 @@ def test_the_watch_stops_the_sweep_only_after_waiting_and_a_returning_node_reset
     assert not watch("trial", {})  # single trials are never stopped by it
 
 
+def test_the_watch_notes_why_it_stopped_and_tunes_restored_copy_starts_afresh(tmp_path: Path) -> None:
+    from ray import cloudpickle
+
+    now, note = [0.0], tmp_path / "sweep.cluster-stop"
+    watch = ClusterWatch(
+        [{"CPU": 1.0}], wait_s=10.0, nodes=lambda: [], clock=lambda: now[0], every_s=0.0, note=str(note)
+    )
+    assert not watch.stop_all()
+    now[0] = 10.0
+    assert watch.stop_all() and note.read_text() == watch.reason
+    # A resumed sweep: the driver's own watch is not the one Tune runs; it learns the reason from the note.
+    driver = ClusterWatch([{"CPU": 1.0}], wait_s=10.0, note=str(note))
+    assert driver.stop_reason() == watch.reason
+    # Tune's copy, restored from the experiment state, neither stays stopped nor counts the earlier wait.
+    restored = cloudpickle.loads(cloudpickle.dumps(watch))
+    later = [1000.0]
+    restored.nodes, restored.clock = lambda: [], lambda: later[0]
+    assert restored.reason is None and not restored.stop_all()
+    later[0] = 1009.0
+    assert not restored.stop_all()
+    later[0] = 1010.0
+    assert restored.stop_all()
+    driver.forget()  # what a (re)started sweep does first
+    assert not note.exists() and driver.stop_reason() is None
+
+
 # --- on a cluster of three nodes ------------------------------------------------------------------------
 # A head with no CPUs (the job's driver runs there, no trial) and two worker nodes of one CPU each, each
 # offering one `slot` and its own name as custom resources. The worker nodes share the head's Ray folder

@@ -3,6 +3,7 @@ the sweep before it starts, and whether it still fits one trial while the sweep 
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable
 from typing import Any
@@ -77,7 +78,12 @@ def live_nodes() -> list[dict[str, float]]:
 class ClusterWatch(Stopper):  # type: ignore[misc]
     """A Tune stopper that ends the sweep when the live nodes cannot fit one trial for ``wait_s`` seconds in a
     row (a node lost and not back). Until then Tune keeps waiting, so a node that rejoins is used again.
-    ``reason`` says what was missing; checked at most every ``every_s`` seconds."""
+    ``reason`` says what was missing; checked at most every ``every_s`` seconds.
+
+    Tune pickles its stopper with the experiment and a resumed sweep runs Tune's restored copy, not the one
+    the resuming driver made: so the reason is also written to ``note`` (a file), which the driver reads
+    (:func:`stop_reason`), and a restored copy starts afresh (another process's clock, perhaps a mended
+    cluster) rather than stopping at once for what stopped the earlier run."""
 
     def __init__(
         self,
@@ -86,11 +92,20 @@ class ClusterWatch(Stopper):  # type: ignore[misc]
         nodes: Callable[[], list[dict[str, float]]] = live_nodes,
         clock: Callable[[], float] = time.monotonic,
         every_s: float = 2.0,
+        note: str | None = None,
     ) -> None:
         self.bundles, self.wait_s, self.nodes, self.clock, self.every_s = bundles, wait_s, nodes, clock, every_s
+        self.note = note
+        self._start()
+
+    def _start(self) -> None:
         self.short_since: float | None = None
         self.checked = -float("inf")
         self.reason: str | None = None
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._start()
 
     def __call__(self, trial_id: str, result: dict[str, Any]) -> bool:
         return False  # no single trial is stopped; see stop_all
@@ -113,5 +128,21 @@ class ClusterWatch(Stopper):  # type: ignore[misc]
                 f"the cluster can no longer fit a trial ({missing}) after waiting {self.wait_s:g} s "
                 "(tune.wait_for_nodes_s); the sweep stopped"
             )
+            if self.note is not None:
+                with open(self.note, "w") as handle:
+                    handle.write(self.reason)
             return True
         return False
+
+    def stop_reason(self) -> str | None:
+        """Why the sweep was stopped, by this watch or by Tune's restored copy of it; None if it was not."""
+        if self.reason is None and self.note is not None and os.path.exists(self.note):
+            with open(self.note) as handle:
+                self.reason = handle.read()
+        return self.reason
+
+    def forget(self) -> None:
+        """Clears what an earlier run of the sweep noted (a resumed sweep starts with a clean slate)."""
+        self._start()
+        if self.note is not None and os.path.exists(self.note):
+            os.remove(self.note)

@@ -141,9 +141,12 @@ def run_sweep(sweep: Sweep, *, resume: bool = False, address: str | None = None,
             # Save the experiment state often, so a killed driver loses little (resume picks it up).
             os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "5")
             trainable = tune.with_resources(tune.with_parameters(run_trial, context=context), trial_resources(sweep))
-            watch = ClusterWatch(trial_bundles(sweep), sweep.tune.wait_for_nodes_s)
             storage = os.path.join(runs_dir, "tune")
             path = os.path.join(storage, state["tune_name"])
+            os.makedirs(storage, exist_ok=True)
+            note = os.path.join(storage, f"{state['tune_name']}.cluster-stop")
+            watch = ClusterWatch(trial_bundles(sweep), sweep.tune.wait_for_nodes_s, note=note)
+            watch.forget()
             if resume and tune.Tuner.can_restore(path):
                 log(f"[sweep] resuming {path}")
                 tuner = tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True, resume_errored=True)
@@ -175,8 +178,9 @@ def run_sweep(sweep: Sweep, *, resume: bool = False, address: str | None = None,
             grid = tuner.fit()
             # When the trials ended: every run a trial event closed (TrialLifecycle) ended before this.
             parent.set_tags({"ofq.trials_ended_ms": str(int(time.time() * 1000))})
-            if watch.reason:
-                parent.set_tags({"ofq.stopped_by": "cluster", "ofq.error": watch.reason})
+            reason = watch.stop_reason()
+            if reason:
+                parent.set_tags({"ofq.stopped_by": "cluster", "ofq.error": reason})
                 context["stopped_by"] = "cluster"
             result = summarize(sweep, grid, context, parent, log)
         except BaseException:
