@@ -288,8 +288,12 @@ def test_a_resumed_searcher_takes_the_suggestion_its_killed_driver_never_saved(t
     assert again == orphan and again != first
     states = [t.state for t in optuna.load_study(study_name="rs-study", storage=url).trials]
     assert states == [optuna.trial.TrialState.RUNNING] * 2  # no third trial: the orphan was taken up
+    # The next, fresh suggestion does not repeat the orphan's draw (the saved random state had not made it).
+    fresh = resumed.suggest("t4")
+    assert fresh not in (first, orphan)
     resumed.on_trial_complete("t3", {"val/top1": 50.0})
     resumed.on_trial_complete("t1", {"val/top1": 40.0})
+    resumed.on_trial_complete("t4", {"val/top1": 45.0})
     final = optuna.load_study(study_name="rs-study", storage=url).trials
-    assert [t.state for t in final] == [optuna.trial.TrialState.COMPLETE] * 2
-    assert [t.value for t in final] == [40.0, 50.0]
+    assert [t.state for t in final] == [optuna.trial.TrialState.COMPLETE] * 3
+    assert [t.value for t in final] == [40.0, 50.0, 45.0]

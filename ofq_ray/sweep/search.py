@@ -57,7 +57,8 @@ class ResumableOptunaSearch(OptunaSearch):  # type: ignore[misc]
     Tune saves the searcher with its experiment state every few seconds, while the study in its storage
     changes at once: a driver killed between a suggestion and the next save leaves a RUNNING Optuna trial
     that no restored Tune trial knows. On restore such trials go back to the study's queue (WAITING), so
-    the next suggestions take them, with the parameters they already had, instead of adding trials."""
+    the next suggestions take them, with the parameters they already had, instead of adding trials; the
+    sampler is then reseeded, as its saved random state would repeat their draws."""
 
     def restore(self, checkpoint_path: str) -> None:
         import optuna
@@ -67,9 +68,17 @@ class ResumableOptunaSearch(OptunaSearch):  # type: ignore[misc]
         if study is None:
             return
         known = {trial._trial_id for trial in self._ot_trials.values()}
-        for orphan in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
-            if orphan._trial_id not in known:
-                study._storage.set_trial_state_values(orphan._trial_id, optuna.trial.TrialState.WAITING)
+        orphans = [
+            trial
+            for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
+            if trial._trial_id not in known
+        ]
+        for orphan in orphans:
+            study._storage.set_trial_state_values(orphan._trial_id, optuna.trial.TrialState.WAITING)
+        if orphans:
+            # The sampler's random state is the saved one, from before it drew the orphans' parameters: left
+            # as is, the next fresh suggestion would draw them again (one configuration trained twice).
+            study.sampler.reseed_rng()
 
 
 def make_searcher(
