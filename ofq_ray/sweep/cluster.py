@@ -138,11 +138,10 @@ class ClusterWatch(Stopper):  # type: ignore[misc]
         """Why the sweep was stopped, by this watch or by Tune's restored copy of it; None if it was not."""
         if self.reason is None and self.note is not None and os.path.exists(self.note):
             with open(self.note) as handle:
-                self.reason = handle.read()
+                return handle.read()
         return self.reason
 
     def forget(self) -> None:
-        """Clears what an earlier run of the sweep noted (a resumed sweep starts with a clean slate)."""
-        self._start()
+        """Removes the note an earlier run of the sweep left (a resumed sweep starts with a clean slate)."""
         if self.note is not None and os.path.exists(self.note):
             os.remove(self.note)

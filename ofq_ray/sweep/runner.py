@@ -188,8 +188,8 @@ def run_sweep(sweep: Sweep, *, resume: bool = False, address: str | None = None,
             raise
         result.wall_s = time.time() - started
         parent.set_tags({"ofq.wall_s": f"{result.wall_s:.0f}", "ofq.bytes_kept": str(result.bytes_kept)})
-        if watch.reason:  # the summary of what did train is kept; the sweep itself did not finish
+        if reason:  # the summary of what did train is kept; the sweep itself did not finish
             parent.finish("FAILED")
-            raise ClusterError(watch.reason)
+            raise ClusterError(reason)
         parent.finish("FINISHED")
         return result
