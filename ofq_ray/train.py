@@ -496,6 +496,9 @@ class LocalSession:
     def __init__(self, storage: str, config: RunConfig) -> None:
         self.storage, self.keep, self.rank_by = storage, config.keep_checkpoints, config.rank
         self.use_gpu = config.use_gpu
+        # (folder, that epoch's metrics), oldest first: read once (a restarted trial finds its earlier ones),
+        # then kept up to date here, since only this process writes to the stage's folder.
+        self.found = kept_checkpoints(storage)
 
     def device(self) -> torch.device:
         # Ray hands a trial that holds a GPU exactly that one (CUDA_VISIBLE_DEVICES): it is cuda:0 here.
@@ -504,26 +507,11 @@ class LocalSession:
     def prepare(self, model: torch.nn.Module) -> torch.nn.Module:
         return model
 
-    def _checkpoints(self) -> list[tuple[str, dict[str, float]]]:
-        """(folder, that epoch's metrics) of every readable checkpoint, oldest first."""
-        found = []
-        for name in sorted(os.listdir(self.storage)) if os.path.isdir(self.storage) else []:
-            path = os.path.join(self.storage, name)
-            if not name.startswith("checkpoint_"):
-                continue
-            try:
-                history = read_checkpoint(path)["history"]
-            except CheckpointError:  # a folder whose state.pt was never written (killed mid-save)
-                continue
-            found.append((path, history[-1] if history else {}))
-        return found
-
     def kept(self) -> list[tuple[str, dict[str, float]]]:
-        return self._checkpoints()
+        return list(self.found)
 
     def latest(self) -> str | None:
-        found = self._checkpoints()
-        return found[-1][0] if found else None
+        return self.found[-1][0] if self.found else None
 
     def resume_from(self) -> str | None:
         return self.latest()
@@ -538,23 +526,42 @@ class LocalSession:
     def save(self, state: dict[str, Any], epoch: int) -> str:
         path = os.path.join(self.storage, f"checkpoint_{epoch:06d}")
         save_checkpoint(path, state)
+        history = state["history"]
+        self.found = [pair for pair in self.found if pair[0] != path] + [(path, history[-1] if history else {})]
         self._retain()
         return path
 
     def _retain(self) -> None:
         """Deletes what Ray Train's CheckpointConfig(num_to_keep, score attribute, order) would: every
         checkpoint but the ``keep`` best by the ranking metric (the earliest on ties) and the latest."""
-        found = self._checkpoints()
-        remaining, kept = list(found), {found[-1][0]} if found else set()
+        remaining, kept = list(self.found), {self.found[-1][0]} if self.found else set()
         for _ in range(self.keep):
             best = self.rank_by.best(remaining, lambda pair: pair[1].get(self.rank_by.metric))
             if best is None:  # the rest lack the metric (or it is NaN)
                 break
             kept.add(best[0])
             remaining.remove(best)
-        for path, _ in found:
+        for path, _ in self.found:
             if path not in kept:
                 shutil.rmtree(path, ignore_errors=True)
+        self.found = [pair for pair in self.found if pair[0] in kept]
+
+
+def kept_checkpoints(folder: str) -> list[tuple[str, dict[str, float]]]:
+    """(folder, that epoch's metrics) of every readable ``checkpoint_*`` under a stage's folder (Ray Train's
+    or :class:`LocalSession`'s), in name order; one whose state.pt was never written (killed mid-save) or
+    is still being written is skipped."""
+    found = []
+    for name in sorted(os.listdir(folder)) if os.path.isdir(folder) else []:
+        path = os.path.join(folder, name)
+        if not name.startswith("checkpoint_") or not os.path.isdir(path):
+            continue
+        try:
+            history = read_checkpoint(path)["history"]
+        except CheckpointError:
+            continue
+        found.append((path, history[-1] if history else {}))
+    return found
 
 
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:

@@ -234,10 +234,13 @@ def test_an_in_process_stage_keeps_the_best_checkpoints_and_the_latest_as_ray_tr
     assert kept == {"checkpoint_000001": 0.5, "checkpoint_000003": 0.5, "checkpoint_000004": 0.8}
     assert session.resume_from() == str(tmp_path / "stage" / "checkpoint_000004")
     assert best_checkpoint(session.kept(), config.rank) == str(tmp_path / "stage" / "checkpoint_000001")
-    # a folder whose state.pt was never written (killed mid-save) is neither resumed from nor kept
+    # restarted: a new session finds them on disk, where a folder whose state.pt was never written (killed
+    # mid-save) is neither resumed from nor kept
     (tmp_path / "stage" / "checkpoint_000005").mkdir()
-    assert session.resume_from() == str(tmp_path / "stage" / "checkpoint_000004")
-    assert len(session.kept()) == 3
+    restarted = LocalSession(str(tmp_path / "stage"), config)
+    assert restarted.resume_from() == str(tmp_path / "stage" / "checkpoint_000004")
+    assert len(restarted.kept()) == 3
+    assert sorted(os.listdir(tmp_path / "stage")) == [*kept, "checkpoint_000005"]  # retention deleted the rest
 
 
 def _preemption_watchers() -> int:

@@ -11,6 +11,7 @@ from typing import Any
 from ray.tune import Callback
 
 from ..config import RankConfig
+from .cluster import in_process_trials
 from .spec import Sweep
 from .stages import stage_config
 from .summary import _short
@@ -34,12 +35,12 @@ def run_trial(params: dict[str, Any], context: dict[str, Any]) -> None:
     source = context["shared_source"]
     offset = 0
     stages = context["trial_stages"]
+    in_process = in_process_trials(sweep)
     for index, stage in enumerate(stages):
         config = stage_config(sweep, stage, values, init_from=source)
         config = dataclasses.replace(config, tracking=dataclasses.replace(config.tracking, experiment=sweep.experiment))
         last = index == len(stages) - 1
         prefix = "" if last else f"stages/{stage}/"
-        in_process = config.workers == 1  # see in_process_trials
         run_training(
             config,
             run_id=run_id,
@@ -278,20 +279,12 @@ def _error_line(trial: Any) -> str:
 def best_kept_checkpoint(context: dict[str, Any], trial_id: str) -> tuple[dict[str, float], str] | None:
     """The trial's best checkpoint of its last stage that Ray still keeps, by the sweep's ranking:
     (that epoch's metrics, folder)."""
-    from ..checkpoint import CheckpointError, read_checkpoint
+    from ..train import kept_checkpoints
 
     rank: RankConfig = context["sweep"].rank
     stage_dir = os.path.join(
         context["runs_dir"], "ray", f"{context['tune_name']}-{trial_id}-{context['trial_stages'][-1]}"
     )
-    candidates = []
-    for folder in sorted(os.listdir(stage_dir)) if os.path.isdir(stage_dir) else []:
-        path = os.path.join(stage_dir, folder)
-        if folder.startswith("checkpoint_") and os.path.isdir(path):
-            try:
-                history = read_checkpoint(path)["history"]
-            except CheckpointError:  # a checkpoint still being written when the trial stopped
-                continue
-            candidates.append((history[-1], path))
+    candidates = [(metrics, path) for path, metrics in kept_checkpoints(stage_dir)]
     candidates.sort(key=lambda c: c[0].get("epoch", 0.0))
     return rank.best(candidates, lambda c: c[0].get(rank.metric))
