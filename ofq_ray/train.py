@@ -496,9 +496,9 @@ class LocalSession:
     def __init__(self, storage: str, config: RunConfig) -> None:
         self.storage, self.keep, self.rank_by = storage, config.keep_checkpoints, config.rank
         self.use_gpu = config.use_gpu
-        # (folder, that epoch's metrics), oldest first: read once (a restarted trial finds its earlier ones),
-        # then kept up to date here, since only this process writes to the stage's folder.
-        self.found = kept_checkpoints(storage)
+        # Each checkpoint's metrics, read once: the folder itself is listed afresh at every look, so what
+        # another process wrote or deleted there (a restarted trial's predecessor) is seen as it is.
+        self.metrics: dict[str, dict[str, float]] = {}
 
     def device(self) -> torch.device:
         # Ray hands a trial that holds a GPU exactly that one (CUDA_VISIBLE_DEVICES): it is cuda:0 here.
@@ -508,10 +508,11 @@ class LocalSession:
         return model
 
     def kept(self) -> list[tuple[str, dict[str, float]]]:
-        return list(self.found)
+        return kept_checkpoints(self.storage, self.metrics)
 
     def latest(self) -> str | None:
-        return self.found[-1][0] if self.found else None
+        found = self.kept()
+        return found[-1][0] if found else None
 
     def resume_from(self) -> str | None:
         return self.latest()
@@ -526,41 +527,50 @@ class LocalSession:
     def save(self, state: dict[str, Any], epoch: int) -> str:
         path = os.path.join(self.storage, f"checkpoint_{epoch:06d}")
         save_checkpoint(path, state)
-        history = state["history"]
-        self.found = [pair for pair in self.found if pair[0] != path] + [(path, history[-1] if history else {})]
+        self.metrics[path] = state["history"][-1] if state["history"] else {}
         self._retain()
         return path
 
     def _retain(self) -> None:
         """Deletes what Ray Train's CheckpointConfig(num_to_keep, score attribute, order) would: every
         checkpoint but the ``keep`` best by the ranking metric (the earliest on ties) and the latest."""
-        remaining, kept = list(self.found), {self.found[-1][0]} if self.found else set()
+        found = self.kept()
+        remaining, kept = list(found), {found[-1][0]} if found else set()
         for _ in range(self.keep):
             best = self.rank_by.best(remaining, lambda pair: pair[1].get(self.rank_by.metric))
             if best is None:  # the rest lack the metric (or it is NaN)
                 break
             kept.add(best[0])
             remaining.remove(best)
-        for path, _ in self.found:
+        for path, _ in found:
             if path not in kept:
                 shutil.rmtree(path, ignore_errors=True)
-        self.found = [pair for pair in self.found if pair[0] in kept]
+                self.metrics.pop(path, None)
 
 
-def kept_checkpoints(folder: str) -> list[tuple[str, dict[str, float]]]:
+def kept_checkpoints(
+    folder: str, metrics: dict[str, dict[str, float]] | None = None
+) -> list[tuple[str, dict[str, float]]]:
     """(folder, that epoch's metrics) of every readable ``checkpoint_*`` under a stage's folder (Ray Train's
     or :class:`LocalSession`'s), in name order; one whose state.pt was never written (killed mid-save) or
-    is still being written is skipped."""
+    is still being written is skipped. ``metrics`` caches what was read, by folder (a checkpoint is written
+    once), so a caller that looks every epoch loads each checkpoint once."""
     found = []
     for name in sorted(os.listdir(folder)) if os.path.isdir(folder) else []:
         path = os.path.join(folder, name)
         if not name.startswith("checkpoint_") or not os.path.isdir(path):
             continue
+        if metrics is not None and path in metrics:
+            found.append((path, metrics[path]))
+            continue
         try:
             history = read_checkpoint(path)["history"]
         except CheckpointError:
             continue
-        found.append((path, history[-1] if history else {}))
+        last = history[-1] if history else {}
+        if metrics is not None:
+            metrics[path] = last
+        found.append((path, last))
     return found
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -241,6 +242,9 @@ def test_an_in_process_stage_keeps_the_best_checkpoints_and_the_latest_as_ray_tr
     assert restarted.resume_from() == str(tmp_path / "stage" / "checkpoint_000004")
     assert len(restarted.kept()) == 3
     assert sorted(os.listdir(tmp_path / "stage")) == [*kept, "checkpoint_000005"]  # retention deleted the rest
+    # what another process deletes there (a restarted trial's predecessor retaining) is gone for this one too
+    shutil.rmtree(tmp_path / "stage" / "checkpoint_000003")
+    assert [os.path.basename(path) for path, _ in restarted.kept()] == ["checkpoint_000001", "checkpoint_000004"]
 
 
 def _preemption_watchers() -> int:
