@@ -53,9 +53,17 @@ class RayNodes:
         )
 
     def add(self, name: str, cpus: int, resources: dict[str, float]) -> None:
-        """Starts a worker node and waits until the cluster counts its resources."""
+        """Starts a worker node and waits until it is alive in the cluster. Not until the cluster counts its
+        resources: a killed node that offered the same ones is counted until it is marked dead (~30 s)."""
+        import ray
+
+        before = {n["NodeID"] for n in ray.nodes()}
         self._start(name, [f"--address={self.address}"], cpus, resources)
-        self.wait_for(lambda total: all(total.get(k, 0.0) >= v for k, v in resources.items()), f"node {name}")
+
+        def joined() -> bool:
+            return any(n["Alive"] and n["NodeID"] not in before for n in ray.nodes())
+
+        self.wait_for(lambda _: joined(), f"node {name}")
 
     def remove(self, name: str, resource: str, *, wait: bool = True) -> str:
         """Kills every process of a node at once (its raylet, its workers), as a machine that went away;
