@@ -31,7 +31,7 @@ sweep: setup
 	$(BIN)/ofq-ray tune search_spaces/cga.yaml
 
 test: setup $(CHROMIUM)  # the browser only the tests need
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q --durations=15  # the slowest tests, to keep the suite within its time
 
 lint: setup
 	$(BIN)/ruff check .
