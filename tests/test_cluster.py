@@ -131,7 +131,7 @@ def test_a_job_spreads_each_trials_two_workers_over_two_nodes_and_logs_through_o
     spec = _spec(
         runs,
         "cluster",
-        num_samples=2,
+        num_samples=1,  # one trial's worker group shows the spread; a second only repeats it (~50 s)
         max_concurrent_trials=1,
         workers_per_trial=2,
         resources_per_worker={"CPU": 0.99, "slot": 1},
@@ -152,14 +152,14 @@ def test_a_job_spreads_each_trials_two_workers_over_two_nodes_and_logs_through_o
         parents = search_runs(url, "cluster", "tags.`ofq.kind` = 'sweep'")
         assert len(parents) == 1 and parents[0]["status"] == "FINISHED"
         children = search_runs(url, "cluster", f"tags.`mlflow.parentRunId` = '{parents[0]['run_id']}'")
-        assert sorted(c["status"] for c in children) == ["FINISHED", "FINISHED"]
+        assert [c["status"] for c in children] == ["FINISHED"]
         # everything went through the server: proxied artifacts, and no store of the job's own
         assert all(c["artifact_uri"].startswith("mlflow-artifacts:/") for c in children)
         assert not (runs / "mlflow.db").exists() and not (runs / "mlruns").exists()
         model = load_model("models:/cluster@champion", tracking_uri=url)
         assert sum(p.numel() for p in model.parameters()) > 0
 
-    # Where the workers ran, from Ray's state API: each trial's two on two different nodes, never the head.
+    # Where the workers ran, from Ray's state API: the trial's two on two different nodes, never the head.
     names = {n.node_id: n.resources_total for n in list_nodes(address=nodes.dashboard, limit=100, detail=True)}
     workers = list_actors(
         address=nodes.dashboard, filters=[("class_name", "=", "RayTrainWorker")], limit=1000, detail=True
@@ -167,7 +167,7 @@ def test_a_job_spreads_each_trials_two_workers_over_two_nodes_and_logs_through_o
     placed = sorted(
         next(k for k in ("node_a", "node_b", "head") if k in names.get(w.node_id, {}) or k == "head") for w in workers
     )
-    assert placed == ["node_a", "node_a", "node_b", "node_b"], placed
+    assert placed == ["node_a", "node_b"], placed
 
 
 def _sweep(spec: dict[str, Any], path: Path, address: str, cwd: Path | None = None) -> subprocess.Popen[str]:
