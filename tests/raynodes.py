@@ -11,6 +11,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 RAY = str(Path(sys.executable).parent / "ray")
@@ -59,11 +60,7 @@ class RayNodes:
 
         before = {n["NodeID"] for n in ray.nodes()}
         self._start(name, [f"--address={self.address}"], cpus, resources)
-
-        def joined() -> bool:
-            return any(n["Alive"] and n["NodeID"] not in before for n in ray.nodes())
-
-        self.wait_for(lambda _: joined(), f"node {name}")
+        self.wait_for(lambda: any(n["Alive"] and n["NodeID"] not in before for n in ray.nodes()), f"node {name}")
 
     def remove(self, name: str, resource: str, *, wait: bool = True) -> str:
         """Kills every process of a node at once (its raylet, its workers), as a machine that went away;
@@ -95,11 +92,9 @@ class RayNodes:
         assert len(ids) == 1, ids
         return str(ids[0])
 
-    def wait_for(self, ready: object, what: str, timeout: float = 120.0) -> None:
-        import ray
-
+    def wait_for(self, ready: Callable[[], bool], what: str, timeout: float = 120.0) -> None:
         deadline = time.time() + timeout
-        while not ready(ray.cluster_resources()):  # type: ignore[operator]
+        while not ready():
             if time.time() > deadline:
                 raise RuntimeError(f"{what} did not join the cluster at {self.address}")
             time.sleep(0.5)
